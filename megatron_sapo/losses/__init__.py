@@ -1,0 +1,24 @@
+"""Policy-loss library: pure tensor math, no process groups, no megatron.
+
+    from megatron_sapo.losses import compute_policy_loss, group_advantages
+    adv = group_advantages(rewards, group_size=8)
+    loss, metrics = compute_policy_loss("sapo", logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05)
+
+Registered losses: "sapo" (sapo.py), "gspo" and "gspo_token" (gspo.py), "grpo" (grpo.py). A new loss
+is one new file that uses `@register_loss`, imported below.
+"""
+
+from megatron_sapo.losses import grpo, gspo, sapo  # noqa: F401  (registers the losses)
+from megatron_sapo.losses.advantages import group_advantages
+from megatron_sapo.losses.aggregation import AGGREGATIONS, aggregate, count_for_normalizer
+from megatron_sapo.losses.registry import LOSSES, compute_policy_loss, register_loss
+
+__all__ = [
+    "AGGREGATIONS",
+    "LOSSES",
+    "aggregate",
+    "compute_policy_loss",
+    "count_for_normalizer",
+    "group_advantages",
+    "register_loss",
+]

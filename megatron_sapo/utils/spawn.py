@@ -1,0 +1,94 @@
+"""Run a function on N local processes joined in a gloo process group, and collect what each returns.
+
+Used by the distributed test tier and the CPU benchmarks: real torch.distributed (gloo), real
+megatron-core parallel state, one OS process per rank, no mocks.
+
+    results = run_on_ranks(fn, world_size=2, args=(...,))   # fn(rank, world_size, *args) -> picklable
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+    )
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        # Plain pickle, by value: torch's queue reducer would share tensor storage through file
+        # descriptors that disappear when this process exits.
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException:  # report every failure to the parent, including SystemExit from asserts in libs
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return results by rank.
+
+    ``fn`` must be importable by name (a module-level function). Raises RuntimeError with the failing
+    rank's traceback if any rank fails, or TimeoutError if the ranks do not finish in ``timeout`` s.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        if time.monotonic() > deadline:
+            break
+        if queue.empty():
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break
+            time.sleep(0.05)
+            continue
+        rank, status, payload = queue.get()
+        if status == "ok":
+            results[rank] = pickle.loads(payload)
+        else:
+            errors.append(f"rank {rank} failed:\n{payload}")
+    for p in procs:
+        p.join(timeout=5 if not errors else 1)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    if len(results) < world_size:
+        missing = sorted(set(range(world_size)) - set(results))
+        codes = {r: procs[r].exitcode for r in missing}
+        raise TimeoutError(f"ranks {missing} returned nothing within {timeout:.0f}s (exit codes {codes})")
+    return [results[r] for r in range(world_size)]
