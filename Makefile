@@ -1,0 +1,57 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv if missing and install what
+# they need (idempotent; re-runs only when a requirements file changes). Works as root on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PYTEST_ARGS ?=
+
+.PHONY: help demo test test-fast lint format install install-dev install-sglang bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n",$$1,$$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-base: requirements/base.txt setup.py | $(PY)
+	$(PIP) install -r requirements/base.txt
+	$(PIP) install --no-deps -e .
+	touch $@
+
+$(VENV)/.stamp-dev: requirements/dev.txt $(VENV)/.stamp-base
+	$(PIP) install -r requirements/dev.txt
+	touch $@
+
+# SGLang 0.5.23 lean: --no-deps skips ~1.4 GB of CUDA kernel packages that do not work on CPU anyway.
+$(VENV)/.stamp-sglang: requirements/sglang.txt $(VENV)/.stamp-base
+	$(PIP) install --no-deps sglang==0.5.23
+	$(PIP) install -r requirements/sglang.txt
+	touch $@
+
+install: $(VENV)/.stamp-base  ## runtime install into .venv
+install-dev: $(VENV)/.stamp-dev  ## + test / lint tools
+install-sglang: $(VENV)/.stamp-sglang  ## + the lean SGLang rollout engine
+
+demo: $(VENV)/.stamp-base  ## run the main job on the embedded CPU default
+	$(PY) examples/toy_sapo.py
+
+test: $(VENV)/.stamp-dev  ## install what tests need, then run the whole suite
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.stamp-dev  ## unit tier only
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+lint: $(VENV)/.stamp-dev  ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.stamp-dev  ## ruff fix + format
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(VENV)/.stamp-dev  ## the benchmarks (see benchmarks/RESULTS.md)
+	$(PY) benchmarks/bench_logprobs.py
+
+clean:  ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
