@@ -28,6 +28,8 @@ setup(
     install_requires=_requirements("base.txt"),
     extras_require={
         "dev": _requirements("dev.txt"),
+        # sglang's pure-Python requirements; sglang itself goes in with --no-deps (`make install-sglang`),
+        # because its declared deps are ~1.4 GB of CUDA kernel packages that cannot run on CPU anyway.
         "sglang": _requirements("sglang.txt"),
         "gpu": _requirements("gpu.txt"),
     },
