@@ -47,8 +47,20 @@ torch itself included, is untouched. Patched sites (megatron-core 0.16.1):
 - models/common/language_module/language_module.py: `setup_embeddings_and_output_layer` calls
   `weight.data.cuda()` before all-reducing tied embeddings across pipeline stages; wrapped so that,
   during that call only, `Tensor.cuda` returns the tensor itself.
-- optimizer/clip_grads.py asserts `torch.cuda.FloatTensor` grads; not patched — use
-  `clip_grad_norm_cpu` instead (megatron's optimizer classes make the same CUDA type checks).
+- optimizer/{optimizer,distrib_optimizer,clip_grads,grad_scaler}.py: `device='cuda'` literals and
+  `torch.cuda.current_device()` (found-inf flag, unit loss scale, multi-tensor dummy buffers, grad-norm
+  all-reduce buffers, loss scalers, DP-zero state gather) go through the module view above. These
+  modules also sort parameters by `param.type()` string (`'torch.cuda.FloatTensor'`, else TypeError):
+  `Float16OptimizerWithFloat16Params.__init__` and `DistributedOptimizer.__init__` (which builds the
+  main-param shards) and `clip_grad_by_total_norm_fp32` (an assert on every grad) are wrapped so that,
+  during those calls only, a CPU tensor's `.type()` reports its CUDA type name (`_with_cuda_type_names`).
+  With that, `get_megatron_optimizer` (Adam, distributed optimizer, fp32) and its grad clipping
+  (`get_grad_norm_fp32` + `clip_grad_by_total_norm_fp32`, reduced over gloo) run unchanged.
+  `clip_grad_norm_cpu` below remains for code that clips without a megatron optimizer.
+
+- pipeline_parallel/p2p_communication.py: `batch_p2p_comm=False` (in `cpu_transformer_config_kwargs`), see
+  there; the shape exchange for `variable_seq_lengths` is always batched, so interleaved schedules at PP=2
+  must use one fixed micro-batch shape on CPU (`engine.PolicyEngine` does).
 
 Not possible on CPU (not a patch gap): sequence parallelism with torch LayerNorm, hence MoE with TP>1 in
 training; fused kernels; fp16/bf16 autocast paths; CUDA graphs.
@@ -98,6 +110,10 @@ _PATCHED_MODULES = (
     "dist_checkpointing.strategies.fully_parallel",
     "dist_checkpointing.strategies.state_dict_saver",
     "dist_checkpointing.strategies.async_utils",
+    "optimizer.optimizer",
+    "optimizer.distrib_optimizer",
+    "optimizer.clip_grads",
+    "optimizer.grad_scaler",
 )
 
 _enabled = False
@@ -281,6 +297,31 @@ def _without_tensor_cuda(fn: Callable) -> Callable:
     return wrapper
 
 
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _ORIGINAL_TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)  # torch.FloatTensor -> cuda
+    return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    """Run `fn` with CPU tensors' `.type()` naming the CUDA type (megatron's optimizer sorts params by
+    that string); safe only because CUDA is absent in this process, so no real CUDA tensor exists."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.type
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    return wrapper
+
+
 def _check_version() -> None:
     from importlib.metadata import version
 
@@ -328,6 +369,16 @@ def enable_cpu_compat() -> None:
     LanguageModule.setup_embeddings_and_output_layer = _without_tensor_cuda(
         LanguageModule.setup_embeddings_and_output_layer
     )
+
+    from megatron.core.optimizer import optimizer as mc_optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for cls in (mc_optimizer.Float16OptimizerWithFloat16Params, DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+    # optimizer.py imported the function by name: rebind it there (where the optimizers call it).
+    mc_optimizer.clip_grad_by_total_norm_fp32 = _with_cuda_type_names(
+        mc_optimizer.clip_grad_by_total_norm_fp32
+    )
     _enabled = True
 
 
@@ -355,6 +406,11 @@ def cpu_transformer_config_kwargs() -> dict[str, Any]:
         moe_permute_fusion=False,
         moe_router_fusion=False,
         sequence_parallel=False,  # needs TE / fused LayerNorm paths not available on CPU
+        # gloo pairs the p2p messages between two ranks in posting order; with PP=2 the previous and next
+        # stage are the same rank, and the batched path posts send_prev before send_next on both sides, so
+        # the interleaved (virtual PP) schedule's two-way exchanges swap activations and gradients. The
+        # unbatched path orders even/odd ranks so that they match.
+        batch_p2p_comm=False,
     )
 
 

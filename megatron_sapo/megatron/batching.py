@@ -1,0 +1,206 @@
+"""Rollout samples → mini-batches → token-budgeted micro-batches → padded model inputs (no process groups).
+
+A `Sample` is one sequence, prompt + response, with its advantage and (optionally) the behaviour
+policy's log-probs of the response tokens. The policy engine (`megatron_sapo.megatron.engine`) uses:
+
+    local = shard_for_data_parallel(samples, mini_batches=4, dp_rank=r, dp_size=dp)  # this DP rank's part
+    groups = pack_micro_batches([s.seq_len for s in mb], token_budget=4096)      # [[indices], ...]
+    batch = collate([mb[i] for i in groups[0]], old_logprobs=[...])              # padded [B, T] tensors
+
+Layout: for tokens ``x`` of length ``L`` the model reads ``x[:-1]`` and predicts ``x[1:]``; response
+token ``x[t]`` (``t ≥ response_start``) is predicted at position ``t − 1``. Right padding is exact under
+a causal mask (no real position attends to a later one). Tests: ``python -m pytest tests/unit/test_batching.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "MicroBatch",
+    "Sample",
+    "collate",
+    "pack_micro_batches",
+    "shard_for_data_parallel",
+    "split_mini_batches",
+]
+
+
+@dataclass
+class Sample:
+    """One rollout sequence."""
+
+    tokens: torch.Tensor
+    """`[L]` integer token ids, prompt followed by response."""
+    response_start: int
+    """Index in `tokens` of the first response token (1 ≤ response_start < L)."""
+    advantage: float
+    """Scalar advantage Â shared by every response token."""
+    old_logprobs: torch.Tensor | None = None
+    """`[L − response_start]` log π_old of the response tokens (fp32), if already known."""
+    loss_mask: torch.Tensor | None = None
+    """`[L − response_start]` bool, False on response tokens that must not count (e.g. tool output)."""
+
+    def __post_init__(self) -> None:
+        n = self.tokens.numel()
+        if self.tokens.dim() != 1 or not 1 <= self.response_start < n:
+            raise ValueError(
+                f"need tokens [L] and 1 <= response_start < L; got {self.tokens.shape}, "
+                f"response_start={self.response_start}"
+            )
+        for name in ("old_logprobs", "loss_mask"):
+            value = getattr(self, name)
+            if value is not None and value.shape != (self.num_response_tokens,):
+                raise ValueError(f"{name} must be [{self.num_response_tokens}], got {tuple(value.shape)}")
+
+    @property
+    def seq_len(self) -> int:
+        """Positions the model reads (L − 1)."""
+        return self.tokens.numel() - 1
+
+    @property
+    def num_response_tokens(self) -> int:
+        return self.tokens.numel() - self.response_start
+
+    def response_mask(self) -> torch.Tensor:
+        """`[L − response_start]` bool: the response tokens that enter the loss."""
+        if self.loss_mask is None:
+            return torch.ones(self.num_response_tokens, dtype=torch.bool)
+        return self.loss_mask.bool()
+
+
+def split_mini_batches(samples: list, mini_batches: int) -> list[list]:
+    """Contiguous, near-equal mini-batches (sizes differ by at most one); needs ≥ 1 sample each."""
+    if mini_batches < 1 or len(samples) < mini_batches:
+        raise ValueError(f"cannot split {len(samples)} samples into {mini_batches} mini-batches")
+    q, r = divmod(len(samples), mini_batches)
+    out, start = [], 0
+    for k in range(mini_batches):
+        end = start + q + (k < r)
+        out.append(samples[start:end])
+        start = end
+    return out
+
+
+def shard_for_data_parallel(samples: list, *, mini_batches: int, dp_rank: int, dp_size: int) -> list:
+    """This DP rank's samples, ordered so that its k-th local mini-batch is its share of global mini-batch k.
+
+    Global mini-batch k is `split_mini_batches(samples, mini_batches)[k]`; rank r takes the r-th
+    contiguous slice of it. Requires `len(samples)` divisible by `mini_batches · dp_size` (so every rank
+    holds the same number of samples per mini-batch and the local split reproduces the shares).
+    """
+    if len(samples) % (mini_batches * dp_size):
+        raise ValueError(
+            f"{len(samples)} samples do not divide into {mini_batches} mini-batches x {dp_size} ranks"
+        )
+    per_rank = len(samples) // (mini_batches * dp_size)
+    local = []
+    for mb in split_mini_batches(samples, mini_batches):
+        local.extend(mb[dp_rank * per_rank : (dp_rank + 1) * per_rank])
+    return local
+
+
+def pack_micro_batches(
+    seq_lens: list[int], token_budget: int, *, min_count: int = 1, multiple_of: int = 1
+) -> list[list[int]]:
+    """Group sample indices into micro-batches whose padded size (count × longest) fits `token_budget`.
+
+    Longest first, greedy; a sample longer than the budget gets a micro-batch of its own. The count is
+    then raised to at least `min_count` and to a multiple of `multiple_of` (data-parallel ranks that
+    share expert all-to-alls must run the same number; interleaved pipelines need a multiple of PP) by
+    halving the micro-batch with most samples, or, when every micro-batch holds one sample, by
+    appending empty ones (`[]`: the engine runs them on a masked filler sample).
+    """
+    if token_budget < 1:
+        raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+    order = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])  # stable: ties keep input order
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * seq_lens[groups[-1][0]] <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    target = max(len(groups), min_count, 1)
+    target = -(-target // multiple_of) * multiple_of
+    while len(groups) < target:
+        big = max(range(len(groups)), key=lambda g: len(groups[g])) if groups else None
+        if big is None or len(groups[big]) < 2:
+            groups.append([])
+            continue
+        half = len(groups[big]) // 2
+        groups[big : big + 1] = [groups[big][:half], groups[big][half:]]
+    return groups
+
+
+@dataclass
+class MicroBatch:
+    """Padded model inputs and loss targets for `B` samples of at most `T` positions."""
+
+    input_ids: torch.Tensor
+    """`[B, T]` int64 token ids (right-padded)."""
+    position_ids: torch.Tensor
+    """`[B, T]` int64 positions 0..T−1."""
+    labels: torch.Tensor
+    """`[B, T]` int64 next-token ids."""
+    loss_mask: torch.Tensor
+    """`[B, T]` bool, True on response tokens that count."""
+    old_logprobs: torch.Tensor
+    """`[B, T]` fp32 log π_old on response positions (0 elsewhere)."""
+    advantages: torch.Tensor
+    """`[B]` fp32."""
+    spans: list[tuple[int, int]]
+    """Per sample, the `[start, end)` positions holding its response tokens' predictions."""
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
+        return MicroBatch(**moved)
+
+    def response_values(self, per_position: torch.Tensor) -> list[torch.Tensor]:
+        """Split a `[B, T]` per-position tensor into per-sample `[n_response]` tensors."""
+        return [per_position[b, s:e] for b, (s, e) in enumerate(self.spans)]
+
+
+def collate(
+    samples: list[Sample],
+    old_logprobs: list[torch.Tensor] | None = None,
+    *,
+    pad_token_id: int = 0,
+    shape: tuple[int, int] | None = None,
+) -> MicroBatch:
+    """Right-pad `samples` into one `MicroBatch`; `old_logprobs[i]` is `[n_response_i]` (None: zeros).
+
+    `shape = (B, T)` pads to at least that many rows (fully masked) and positions, for schedules that
+    need one tensor shape for every micro-batch.
+    """
+    b, t = len(samples), max((s.seq_len for s in samples), default=1)
+    if shape is not None:
+        b, t = max(b, shape[0]), max(t, shape[1])
+    if b == 0:
+        raise ValueError("collate needs at least one sample or a shape")
+    input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, t), pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros(b, t, dtype=torch.bool)
+    old = torch.zeros(b, t, dtype=torch.float32)
+    advantages = torch.zeros(b, dtype=torch.float32)
+    spans = []
+    for i, s in enumerate(samples):
+        tokens = s.tokens.long()
+        input_ids[i, : s.seq_len] = tokens[:-1]
+        labels[i, : s.seq_len] = tokens[1:]
+        start, end = s.response_start - 1, s.seq_len
+        loss_mask[i, start:end] = s.response_mask()
+        if old_logprobs is not None:
+            old[i, start:end] = old_logprobs[i].float()
+        advantages[i] = float(s.advantage)
+        spans.append((start, end))
+    return MicroBatch(
+        input_ids=input_ids,
+        position_ids=torch.arange(t).expand(b, t).contiguous(),
+        labels=labels,
+        loss_mask=loss_mask,
+        old_logprobs=old,
+        advantages=advantages,
+        spans=spans,
+    )

@@ -1,0 +1,422 @@
+"""The SAPO policy train step on megatron-core: DDP model chunks, distributed optimizer, LR schedule.
+
+`PolicyEngine` owns the (virtual-)pipeline model chunks wrapped in megatron's
+`DistributedDataParallel`, megatron's distributed Adam (`get_megatron_optimizer`) and its
+`OptimizerParamScheduler`; it runs every forward/backward through `get_forward_backward_func`, so the
+same code serves TP, PP, virtual PP, DP and EP (gloo on CPU, NCCL on GPU)::
+
+    engine = PolicyEngine(model_provider, OptimConfig(lr=1e-6), TrainConfig(mini_batches=4))
+    old = engine.compute_logprobs(samples)            # π_old pass, no grad; list of [n_response_i]
+    metrics = engine.train_step(samples, old)         # one optimizer step per mini-batch
+
+`samples` are this data-parallel rank's `Sample`s (see `batching.shard_for_data_parallel`); every rank of
+a model-parallel group (TP × PP) passes the same list. `model_provider(pre_process, post_process,
+vp_stage=None)` returns one megatron module for this rank's (virtual) pipeline stage, weights loaded.
+On CPU call `megatron_sapo.megatron.cpu.enable_cpu_compat()` first.
+
+Loss normalisation. The gradient must be exactly ∇(Σ_i seqmean_i / N) with N the number of sequences of
+the *global* mini-batch (all DP ranks): `compute_policy_loss` gets `normalizer=N` (DP-summed). Megatron
+then divides each micro-batch loss by the number of micro-batches (schedules.forward_step_calc_loss,
+2-tuple losses) and DDP pre-scales gradients by 1/DP before summing them (`calculate_per_token_loss`
+False): the loss handed to the schedule is multiplied by num_microbatches · DP to undo both.
+
+Tests: ``python -m pytest tests/distributed/test_engine_layouts.py tests/unit/test_batching.py -q``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_sapo.losses import compute_policy_loss, count_for_normalizer
+from megatron_sapo.megatron.batching import (
+    MicroBatch,
+    Sample,
+    collate,
+    pack_micro_batches,
+    split_mini_batches,
+)
+from megatron_sapo.megatron.logprobs import vocab_parallel_logprobs
+
+__all__ = ["OptimConfig", "PolicyEngine", "TrainConfig"]
+
+logger = logging.getLogger(__name__)
+
+ModelProvider = Callable[..., torch.nn.Module]
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (megatron distributed Adam, fp32 main params) and LR schedule."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to `lr`."""
+    decay_steps: int = 0
+    """Optimizer steps from start to `min_lr` (0 = constant `lr` after warmup)."""
+    decay_style: str = "cosine"
+    """Decay shape when `decay_steps` > 0: "linear", "cosine", "inverse-square-root"."""
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    adam_beta1: float = 0.9
+    """Adam β1."""
+    adam_beta2: float = 0.999
+    """Adam β2."""
+    adam_eps: float = 1e-8
+    """Adam ε."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+
+@dataclass
+class TrainConfig:
+    """How a rollout batch becomes optimizer steps, and which policy loss."""
+
+    mini_batches: int = 4
+    """Optimizer steps per rollout batch (the SAPO paper uses 4)."""
+    micro_batch_tokens: int = 8192
+    """Padded tokens (samples × longest) per micro-batch."""
+    loss: str = "sapo"
+    """Registered policy loss name (megatron_sapo.losses)."""
+    loss_params: dict[str, float] = field(default_factory=lambda: {"tau_pos": 1.0, "tau_neg": 1.05})
+    """The loss's own parameters (SAPO: tau_pos, tau_neg; GRPO/GSPO: eps_low, eps_high)."""
+    aggregation: str = "seq-mean-token-mean"
+    """"seq-mean-token-mean" (SAPO) or "token-mean"."""
+    log_ratio_clamp: float = 20.0
+    """|logp − old_logp| clamp before exp."""
+    pad_token_id: int = 0
+    """Token id used for right padding (never predicted: masked out)."""
+
+
+def _filler() -> Sample:
+    """A fully masked sample for empty micro-batches (contributes exactly zero loss and gradient)."""
+    return Sample(torch.zeros(2, dtype=torch.long), 1, 0.0, loss_mask=torch.zeros(1, dtype=torch.bool))
+
+
+class PolicyEngine:
+    """Owns the DDP model chunks, megatron's optimizer and LR scheduler; runs π_old passes and updates."""
+
+    def __init__(
+        self,
+        model_provider: ModelProvider,
+        optim: OptimConfig,
+        train: TrainConfig,
+        *,
+        ddp_config: DistributedDataParallelConfig | None = None,
+    ) -> None:
+        if parallel_state.get_context_parallel_world_size() != 1:
+            raise NotImplementedError("context parallelism is not supported by PolicyEngine yet")
+        self.train_config = train
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.device = self.device or torch.device("cpu")
+        self.model = self._build_model(model_provider, optim, ddp_config)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                use_distributed_optimizer=optim.use_distributed_optimizer,
+                bf16=self.model[0].config.bf16,
+                fp16=False,
+            ),
+            self.model,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(optim.decay_steps, 1),
+            lr_decay_style=optim.decay_style if optim.decay_steps > 0 else "constant",
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+        for config in {id(m.config): m.config for m in self.model}.values():
+            config.finalize_model_grads_func = finalize_model_grads
+            config.grad_scale_func = self.optimizer.scale_loss
+            config.no_sync_func = (
+                [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+            )
+            # Micro-batches differ in [B, T]: pipeline stages exchange shapes (not interleaved: see
+            # _micro_batches).
+            config.variable_seq_lengths = len(self.model) == 1
+
+    def _build_model(
+        self, provider: ModelProvider, optim: OptimConfig, ddp_config: DistributedDataParallelConfig | None
+    ) -> list[DistributedDataParallel]:
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+        ddp_config = ddp_config or DistributedDataParallelConfig(
+            use_distributed_optimizer=optim.use_distributed_optimizer, grad_reduce_in_fp32=True
+        )
+        chunks = []
+        for stage in range(vpp):
+            vp_stage = stage if vpp > 1 else None
+            module = provider(
+                parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+            if module.config.calculate_per_token_loss:
+                raise ValueError("PolicyEngine normalises per sequence: set calculate_per_token_loss=False")
+            # Only the first chunk buckets its grads (as megatron's training loop): later chunks' grads
+            # are reduced in one go at the end.
+            chunks.append(
+                DistributedDataParallel(module.config, ddp_config, module, disable_bucketing=stage > 0)
+            )
+        return chunks
+
+    # ---------------------------------------------------------------- batching and schedule plumbing
+
+    def _micro_batches(
+        self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None
+    ) -> tuple[list[MicroBatch], list[list[int]]]:
+        """Token-budgeted micro-batches, the same count on every DP rank (expert all-to-alls need it)."""
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        interleaved = len(self.model) > 1
+        groups = pack_micro_batches(
+            [s.seq_len for s in samples],
+            self.train_config.micro_batch_tokens,
+            min_count=pp if interleaved else 1,
+        )
+        count = torch.tensor([len(groups)], dtype=torch.long, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+        # Interleaved 1F1B runs micro-batches in groups of PP per virtual stage: a multiple of PP.
+        groups = pack_micro_batches(
+            [s.seq_len for s in samples],
+            self.train_config.micro_batch_tokens,
+            min_count=int(count),
+            multiple_of=pp if interleaved else 1,
+        )
+        pad = self.train_config.pad_token_id
+        # Interleaved schedules exchange activations and gradients both ways in one p2p call; megatron's
+        # shape exchange (variable_seq_lengths) then mis-pairs the two messages at PP=2 under gloo (same
+        # peer both ways, see cpu.py): use one [B, T] for all micro-batches instead.
+        shape = None
+        if interleaved:
+            shape = (max(len(g) for g in groups), max(s.seq_len for s in samples))
+        batches = []
+        for g in groups:
+            old = [old_logprobs[i] for i in g] if old_logprobs is not None and g else None
+            rows = [samples[i] for i in g] if g else [_filler()]
+            batches.append(collate(rows, old, pad_token_id=pad, shape=shape))
+        return [b.to(self.device) for b in batches], groups
+
+    def _attention_mask(self, batch: MicroBatch) -> torch.Tensor | None:
+        if self.device.type == "cuda":
+            return None  # megatron's causal mask type; padding sits after every real token
+        from megatron_sapo.megatron.cpu import causal_attention_mask  # CPU only: never imported on GPU
+
+        b, t = batch.input_ids.shape
+        return causal_attention_mask(t, b)
+
+    def _run(self, batches: list[MicroBatch], loss_func: Callable, *, forward_only: bool) -> list[Any]:
+        """megatron's forward-backward over `batches`; `loss_func(batch, num_mb, logits) -> (loss, info)`."""
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch.input_ids, batch.position_ids, self._attention_mask(batch))
+            return output, partial(loss_func, batch, len(batches))
+
+        iterators = [iter(batches) for _ in self.model]  # one per virtual stage: each reads every batch
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=max(b.input_ids.shape[1] for b in batches),
+            micro_batch_size=max(b.input_ids.shape[0] for b in batches),
+            forward_only=forward_only,
+        )
+
+    def _logprobs(self, batch: MicroBatch, logits: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+        """`[B, T]` fp32 log-probs of `batch.labels` from vocab-parallel logits `[B, T, V/tp]`."""
+        return vocab_parallel_logprobs(
+            logits,
+            batch.labels,
+            group=parallel_state.get_tensor_model_parallel_group(),
+            inplace_backward=inplace,
+        )
+
+    def _from_last_stage(self, obj: Any) -> Any:
+        """`obj` of the last pipeline stage, on every stage of this pipeline."""
+        if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            return obj
+        holder = [obj]
+        dist.broadcast_object_list(
+            holder,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        return holder[0]
+
+    # ---------------------------------------------------------------- public API
+
+    @torch.no_grad()
+    def compute_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
+        """Log-probs of each sample's response tokens under the current weights: `[n_response_i]` fp32 CPU."""
+        for m in self.model:
+            m.eval()
+        batches, groups = self._micro_batches(samples, None)
+
+        def loss_func(batch, num_mb, logits):
+            logp = self._logprobs(batch, logits, inplace=False)
+            return logits.new_zeros(()), {"logp": [x.cpu() for x in batch.response_values(logp)]}
+
+        outputs = self._run(batches, loss_func, forward_only=True)
+        result: list[torch.Tensor | None] = [None] * len(samples)
+        for g, out in zip(groups, outputs):
+            for i, logp in zip(g, out["logp"]):
+                result[i] = logp
+        return self._from_last_stage(result)
+
+    def train_step(
+        self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None = None
+    ) -> dict[str, float]:
+        """One optimizer step per mini-batch over this DP rank's `samples`; returns averaged metrics.
+
+        `old_logprobs[i]` is `[n_response_i]` log π_old; when None, each sample's `old_logprobs` is used,
+        and where that is missing too, the current policy's (one `compute_logprobs` pass) — on-policy.
+        """
+        if old_logprobs is None:
+            old_logprobs = [s.old_logprobs for s in samples]
+            if any(x is None for x in old_logprobs):
+                old_logprobs = self.compute_logprobs(samples)
+        start = time.perf_counter()
+        dp_group = parallel_state.get_data_parallel_group()
+        indices = split_mini_batches(list(range(len(samples))), self.train_config.mini_batches)
+        totals: dict[str, float] = {}
+        losses, grad_norms, skipped, lr = [], [], 0, 0.0
+        for k, idx in enumerate(indices):
+            mb_samples = [samples[i] for i in idx]
+            loss, stats, grad_norm = self._mini_batch_step(mb_samples, [old_logprobs[i] for i in idx])
+            losses.append(loss)
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+            lr = self.optimizer.param_groups[0]["lr"]
+            if math.isfinite(grad_norm):
+                self.scheduler.step(increment=1)
+                grad_norms.append(grad_norm)
+            else:
+                skipped += 1
+                logger.warning("mini-batch %d: non-finite grad norm %s, optimizer step skipped", k, grad_norm)
+        tokens = torch.tensor([float(sum(s.seq_len + 1 for s in samples))], device=self.device)
+        dist.all_reduce(tokens, group=dp_group)
+        elapsed = time.perf_counter() - start
+        weight = totals.pop("_tokens", 0.0)
+        metrics = {key: value / max(weight, 1.0) for key, value in totals.items() if not key.endswith("_max")}
+        metrics.update({key: value for key, value in totals.items() if key.endswith("_max")})
+        metrics.update(
+            loss=sum(losses) / len(losses),
+            grad_norm=sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+            lr=lr,
+            skipped_steps=float(skipped),
+            tokens_per_s=float(tokens[0]) / elapsed,
+            **{f"loss/mini_batch_{k}": loss for k, loss in enumerate(losses)},
+        )
+        return metrics
+
+    def _mini_batch_step(
+        self, samples: list[Sample], old_logprobs: list[torch.Tensor]
+    ) -> tuple[float, dict[str, float], float]:
+        """Forward/backward one mini-batch and step; returns (loss, token-weighted stat sums, grad norm)."""
+        cfg = self.train_config
+        dp_group = parallel_state.get_data_parallel_group()
+        dp_size = parallel_state.get_data_parallel_world_size()
+        local = sum(count_for_normalizer(s.response_mask()[None], cfg.aggregation) for s in samples)
+        counts = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts, group=dp_group)
+        normalizer = max(float(counts[0]), 1.0)
+        batches, _ = self._micro_batches(samples, old_logprobs)
+
+        def loss_func(batch, num_mb, logits):
+            logp = self._logprobs(batch, logits, inplace=True)
+            loss, metrics = compute_policy_loss(
+                cfg.loss,
+                logp,
+                batch.old_logprobs,
+                batch.advantages,
+                batch.loss_mask,
+                aggregation=cfg.aggregation,
+                normalizer=normalizer,
+                log_ratio_clamp=cfg.log_ratio_clamp,
+                **cfg.loss_params,
+            )
+            # Undo the schedule's 1/num_microbatches and DDP's 1/DP (see the module docstring).
+            return loss * (num_mb * dp_size), {
+                "loss": float(loss.detach()),
+                "metrics": metrics,
+                "tokens": float(batch.loss_mask.sum()),
+            }
+
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(batches, loss_func, forward_only=False)
+
+        result = self._reduce_stats(self._from_last_stage(_summarise(outputs)))
+        # Megatron's fp32 step does not test for inf/nan (only its fp16 grad scaler does): check first.
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        return result.pop("loss"), result, grad_norm
+
+    def _reduce_stats(self, summary: dict[str, dict[str, float]]) -> dict[str, float]:
+        """DP-reduce a `_summarise` result: sums are summed, maxima maxed (key order is the same on all)."""
+        group = parallel_state.get_data_parallel_group()
+        out = {}
+        for kind, op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX)):
+            keys = sorted(summary[kind])
+            vec = torch.tensor([summary[kind][k] for k in keys], dtype=torch.float64, device=self.device)
+            if keys:
+                dist.all_reduce(vec, op=op, group=group)
+            out.update(zip(keys, vec.tolist()))
+        return out
+
+
+def _summarise(outputs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per-micro-batch loss outputs → {"sum": loss, _tokens, token-weighted metric sums; "max": maxima}."""
+    sums: dict[str, float] = {"loss": 0.0, "_tokens": 0.0}
+    maxima: dict[str, float] = {}
+    for out in outputs:
+        sums["loss"] += out["loss"]
+        sums["_tokens"] += out["tokens"]
+        for key, value in out["metrics"].items():
+            if key in ("loss", "pg_loss"):
+                continue
+            if key.endswith("_max"):
+                maxima[key] = max(maxima.get(key, -math.inf), value)
+            else:
+                sums[key] = sums.get(key, 0.0) + value * out["tokens"]
+    return {"sum": sums, "max": maxima}

@@ -1,0 +1,96 @@
+"""Rollout batching for the policy engine: mini-batch split, DP sharding, token-budget packing, collation.
+
+python -m pytest tests/unit/test_batching.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_sapo.megatron.batching import (
+    Sample,
+    collate,
+    pack_micro_batches,
+    shard_for_data_parallel,
+    split_mini_batches,
+)
+
+
+def _sample(length: int, start: int, adv: float = 1.0, **kw) -> Sample:
+    return Sample(torch.arange(1, length + 1), response_start=start, advantage=adv, **kw)
+
+
+def test_sample_validates_shapes() -> None:
+    with pytest.raises(ValueError):
+        _sample(5, 0)
+    with pytest.raises(ValueError):
+        _sample(5, 5)
+    with pytest.raises(ValueError):
+        _sample(5, 2, old_logprobs=torch.zeros(2))
+    s = _sample(5, 2, loss_mask=torch.tensor([True, False, True]))
+    assert s.seq_len == 4 and s.num_response_tokens == 3
+    assert s.response_mask().tolist() == [True, False, True]
+
+
+def test_split_mini_batches_is_contiguous_and_balanced() -> None:
+    assert split_mini_batches(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError):
+        split_mini_batches([1], 2)
+
+
+def test_dp_shards_reassemble_the_global_mini_batches() -> None:
+    samples, k, dp = list(range(12)), 2, 3
+    shards = [shard_for_data_parallel(samples, mini_batches=k, dp_rank=r, dp_size=dp) for r in range(dp)]
+    for m, global_mb in enumerate(split_mini_batches(samples, k)):
+        local_mbs = [split_mini_batches(shard, k)[m] for shard in shards]
+        assert [x for mb in local_mbs for x in mb] == global_mb
+    with pytest.raises(ValueError):
+        shard_for_data_parallel(list(range(10)), mini_batches=2, dp_rank=0, dp_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 50), min_size=1, max_size=20),
+    budget=st.integers(1, 200),
+    min_count=st.integers(1, 30),
+    multiple_of=st.integers(1, 4),
+)
+def test_packing_is_a_partition_within_budget(
+    lens: list[int], budget: int, min_count: int, multiple_of: int
+) -> None:
+    groups = pack_micro_batches(lens, budget, min_count=min_count, multiple_of=multiple_of)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+    assert len(groups) >= min_count and len(groups) % multiple_of == 0
+    for g in groups:
+        if len(g) > 1:
+            assert len(g) * max(lens[i] for i in g) <= budget
+
+
+def test_packing_puts_oversized_samples_alone_and_fills_with_empty_groups() -> None:
+    assert pack_micro_batches([100, 3, 3], 10) == [[0], [1, 2]]
+    assert pack_micro_batches([5], 10, min_count=3) == [[0], [], []]
+    assert pack_micro_batches([2, 2, 2, 2], 100, min_count=2) == [[0, 1], [2, 3]]
+
+
+def test_collate_aligns_labels_masks_and_old_logprobs() -> None:
+    a = _sample(6, 3, adv=0.5)  # tokens 1..6, response = tokens 4, 5, 6
+    b = _sample(4, 1, adv=-1.0, loss_mask=torch.tensor([True, False, True]))
+    old = [torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-4.0, -5.0, -6.0])]
+    mb = collate([a, b], old, pad_token_id=0, shape=(3, 7))
+    assert mb.input_ids.shape == (3, 7)
+    assert mb.input_ids[0].tolist() == [1, 2, 3, 4, 5, 0, 0]
+    assert mb.labels[0].tolist() == [2, 3, 4, 5, 6, 0, 0]
+    # position t predicts label t: response tokens 4, 5, 6 sit at positions 2, 3, 4
+    assert mb.loss_mask[0].tolist() == [False, False, True, True, True, False, False]
+    assert mb.loss_mask[1].tolist() == [True, False, True, False, False, False, False]
+    assert not mb.loss_mask[2].any()  # padding row
+    assert mb.labels[0, mb.loss_mask[0]].tolist() == [4, 5, 6]
+    assert [x.tolist() for x in mb.response_values(mb.old_logprobs)] == [
+        [-1.0, -2.0, -3.0],
+        [-4.0, -5.0, -6.0],
+    ]
+    assert mb.advantages.tolist() == [0.5, -1.0, 0.0]
+    assert mb.position_ids[1].tolist() == list(range(7))
