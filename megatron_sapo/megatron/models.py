@@ -294,9 +294,9 @@ def gpt_model_kwargs(hf_config: Any, *, tp: int) -> dict[str, Any]:
 
 def build_gpt_model(
     hf_config: Any,
-    *,
     pre_process: bool | None = None,
     post_process: bool | None = None,
+    *,
     vp_stage: int | None = None,
     spec: SpecName = "auto",
     config: TransformerConfig | None = None,

@@ -1,4 +1,4 @@
-"""`make demo`'s job, shortened: a real megatron-core MoE policy on CPU trained with SAPO must learn.
+"""`make demo`'s job: a Qwen3-MoE policy on real megatron-core (CPU), trained by the PolicyEngine, must learn.
 
 Runs examples/toy_sapo.py in a subprocess and checks its outputs: one metrics row per step with the
 documented keys, a PNG plot, and a reward that rises well above the random policy's (≈ 1/16).
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.timeout(600)
 def test_toy_sapo_learns_and_writes_its_outputs(tmp_path: Path) -> None:
-    steps = 80
+    steps = 120
     cmd = [sys.executable, "-W", "ignore", str(ROOT / "examples/toy_sapo.py"), "--steps", str(steps)]
     proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
