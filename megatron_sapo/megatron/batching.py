@@ -42,6 +42,13 @@ class Sample:
     """`[L − response_start]` log π_old of the response tokens (fp32), if already known."""
     loss_mask: torch.Tensor | None = None
     """`[L − response_start]` bool, False on response tokens that must not count (e.g. tool output)."""
+    routing: torch.Tensor | None = None
+    """`[L_moe, L − 1 or L, k]` expert ids the rollout engine's MoE layers chose (R3 routing replay only).
+
+    Row `p` is the routing of input token `tokens[p]` at position `p` (the one predicting `tokens[p+1]`),
+    for every MoE layer of the model in order, top-k ids in any order. The trainer reads positions
+    0..L−2 (`tokens[:-1]`); the last sampled token is never fed to a model, so rollout engines report
+    L − 1 rows; a row L−1, if given, is ignored."""
 
     def __post_init__(self) -> None:
         n = self.tokens.numel()
@@ -54,6 +61,10 @@ class Sample:
             value = getattr(self, name)
             if value is not None and value.shape != (self.num_response_tokens,):
                 raise ValueError(f"{name} must be [{self.num_response_tokens}], got {tuple(value.shape)}")
+        if self.routing is not None and (self.routing.dim() != 3 or self.routing.shape[1] not in (n - 1, n)):
+            raise ValueError(
+                f"routing must be [L_moe, {n - 1} or {n}, topk] for {n} tokens, got {tuple(self.routing.shape)}"
+            )
 
     @property
     def seq_len(self) -> int:
@@ -152,6 +163,8 @@ class MicroBatch:
     """`[B]` fp32."""
     spans: list[tuple[int, int]]
     """Per sample, the `[start, end)` positions holding its response tokens' predictions."""
+    routing: torch.Tensor | None = None
+    """`[L_moe, T*B, k]` expert ids to replay (token `s*B + b`; see `engine_routing`), or None."""
 
     def to(self, device: torch.device | str) -> MicroBatch:
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}

@@ -20,7 +20,12 @@ then divides each micro-batch loss by the number of micro-batches (schedules.for
 2-tuple losses) and DDP pre-scales gradients by 1/DP before summing them (`calculate_per_token_loss`
 False): the loss handed to the schedule is multiplied by num_microbatches · DP to undo both.
 
-Tests: ``python -m pytest tests/distributed/test_engine_layouts.py tests/unit/test_batching.py -q``.
+MoE routing replay (`TrainConfig.routing_replay`, see `engine_routing`): "r2" records each sample's
+experts in `compute_logprobs` and replays them in every update forward; "r3" replays `Sample.routing`
+(the rollout engine's) in both. "off" installs no hook.
+
+Tests: ``python -m pytest tests/distributed/test_engine_layouts.py tests/unit/test_batching.py -q``,
+``python -m pytest tests/distributed/test_engine_routing_replay.py -q``.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from megatron_sapo.megatron.batching import (
     pack_micro_batches,
     split_mini_batches,
 )
+from megatron_sapo.megatron.engine_routing import REPLAY_MODES, EngineRouting
 from megatron_sapo.megatron.logprobs import vocab_parallel_logprobs
 
 __all__ = ["OptimConfig", "PolicyEngine", "TrainConfig"]
@@ -108,6 +114,14 @@ class TrainConfig:
     """|logp − old_logp| clamp before exp."""
     pad_token_id: int = 0
     """Token id used for right padding (never predicted: masked out)."""
+    routing_replay: str = "off"
+    """MoE routing replay: "off", "r2" (π_old pass's experts in the updates), "r3" (`Sample.routing`)."""
+
+    def __post_init__(self) -> None:
+        if self.routing_replay not in REPLAY_MODES:
+            raise ValueError(
+                f"TrainConfig.routing_replay must be one of {REPLAY_MODES}, got {self.routing_replay!r}"
+            )
 
 
 def _filler() -> Sample:
@@ -170,6 +184,10 @@ class PolicyEngine:
             # Micro-batches differ in [B, T]: pipeline stages exchange shapes (not interleaved: see
             # _micro_batches).
             config.variable_seq_lengths = len(self.model) == 1
+        # "off" installs nothing: the routers run megatron's own top-k untouched.
+        self.routing = (
+            None if train.routing_replay == "off" else EngineRouting(self.model, train.routing_replay)
+        )
 
     def _build_model(
         self, provider: ModelProvider, optim: OptimConfig, ddp_config: DistributedDataParallelConfig | None
@@ -198,9 +216,15 @@ class PolicyEngine:
     # ---------------------------------------------------------------- batching and schedule plumbing
 
     def _micro_batches(
-        self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None
+        self,
+        samples: list[Sample],
+        old_logprobs: list[torch.Tensor] | None,
+        routing: list[torch.Tensor] | None = None,
     ) -> tuple[list[MicroBatch], list[list[int]]]:
-        """Token-budgeted micro-batches, the same count on every DP rank (expert all-to-alls need it)."""
+        """Token-budgeted micro-batches, the same count on every DP rank (expert all-to-alls need it).
+
+        `routing[i]`: sample i's `[L_local, S_i, k]` experts to replay (`EngineRouting.rows_for`), or None.
+        """
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         interleaved = len(self.model) > 1
         groups = pack_micro_batches(
@@ -229,6 +253,8 @@ class PolicyEngine:
             old = [old_logprobs[i] for i in g] if old_logprobs is not None and g else None
             rows = [samples[i] for i in g] if g else [_filler()]
             batches.append(collate(rows, old, pad_token_id=pad, shape=shape))
+            if routing is not None:
+                self.routing.attach_to(batches[-1], [routing[i] for i in g])
         return [b.to(self.device) for b in batches], groups
 
     def _attention_mask(self, batch: MicroBatch) -> torch.Tensor | None:
@@ -244,7 +270,13 @@ class PolicyEngine:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
+            # Set / collect routing around this very (micro-batch, chunk) forward: pipeline schedules run
+            # other micro-batches' forwards in between.
+            if self.routing is not None:
+                self.routing.before_forward(batch)
             output = model(batch.input_ids, batch.position_ids, self._attention_mask(batch))
+            if self.routing is not None:
+                self.routing.after_forward(batch)
             return output, partial(loss_func, batch, len(batches))
 
         iterators = [iter(batches) for _ in self.model]  # one per virtual stage: each reads every batch
@@ -283,16 +315,30 @@ class PolicyEngine:
 
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
-        """Log-probs of each sample's response tokens under the current weights: `[n_response_i]` fp32 CPU."""
+        """Log-probs of each sample's response tokens under the current weights: `[n_response_i]` fp32 CPU.
+
+        With `routing_replay="r2"` the experts chosen here are kept for these `Sample` objects (replacing
+        those of the previous call) and replayed by `train_step`; with "r3" `Sample.routing` is replayed.
+        """
         for m in self.model:
             m.eval()
-        batches, groups = self._micro_batches(samples, None)
+        routing = self.routing.rows_for(samples, update=False) if self.routing is not None else None
+        batches, groups = self._micro_batches(samples, None, routing)
 
         def loss_func(batch, num_mb, logits):
             logp = self._logprobs(batch, logits, inplace=False)
             return logits.new_zeros(()), {"logp": [x.cpu() for x in batch.response_values(logp)]}
 
-        outputs = self._run(batches, loss_func, forward_only=True)
+        if self.routing is None:
+            outputs = self._run(batches, loss_func, forward_only=True)
+        else:
+            self.routing.begin("replay" if routing is not None else "record")
+            try:
+                outputs = self._run(batches, loss_func, forward_only=True)
+                if routing is None:
+                    self.routing.store(samples, groups, batches)
+            finally:
+                self.routing.end()
         result: list[torch.Tensor | None] = [None] * len(samples)
         for g, out in zip(groups, outputs):
             for i, logp in zip(g, out["logp"]):
@@ -306,11 +352,19 @@ class PolicyEngine:
 
         `old_logprobs[i]` is `[n_response_i]` log π_old; when None, each sample's `old_logprobs` is used,
         and where that is missing too, the current policy's (one `compute_logprobs` pass) — on-policy.
+        Routing replay: "r2" replays the experts of the last `compute_logprobs(samples)` call (the same
+        `Sample` objects; without one, a `compute_logprobs` pass records them now), "r3" `Sample.routing`;
+        every forward of every mini-batch replays them.
         """
         if old_logprobs is None:
             old_logprobs = [s.old_logprobs for s in samples]
             if any(x is None for x in old_logprobs):
                 old_logprobs = self.compute_logprobs(samples)
+        routing = None
+        if self.routing is not None:
+            if self.routing.missing(samples):
+                self.compute_logprobs(samples)
+            routing = self.routing.rows_for(samples, update=True)
         start = time.perf_counter()
         dp_group = parallel_state.get_data_parallel_group()
         indices = split_mini_batches(list(range(len(samples))), self.train_config.mini_batches)
@@ -318,7 +372,10 @@ class PolicyEngine:
         losses, grad_norms, skipped, lr = [], [], 0, 0.0
         for k, idx in enumerate(indices):
             mb_samples = [samples[i] for i in idx]
-            loss, stats, grad_norm = self._mini_batch_step(mb_samples, [old_logprobs[i] for i in idx])
+            mb_routing = [routing[i] for i in idx] if routing is not None else None
+            loss, stats, grad_norm = self._mini_batch_step(
+                mb_samples, [old_logprobs[i] for i in idx], mb_routing
+            )
             losses.append(loss)
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -346,7 +403,10 @@ class PolicyEngine:
         return metrics
 
     def _mini_batch_step(
-        self, samples: list[Sample], old_logprobs: list[torch.Tensor]
+        self,
+        samples: list[Sample],
+        old_logprobs: list[torch.Tensor],
+        routing: list[torch.Tensor] | None = None,
     ) -> tuple[float, dict[str, float], float]:
         """Forward/backward one mini-batch and step; returns (loss, token-weighted stat sums, grad norm)."""
         cfg = self.train_config
@@ -356,7 +416,7 @@ class PolicyEngine:
         counts = torch.tensor([float(local)], dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=dp_group)
         normalizer = max(float(counts[0]), 1.0)
-        batches, _ = self._micro_batches(samples, old_logprobs)
+        batches, _ = self._micro_batches(samples, old_logprobs, routing)
 
         def loss_func(batch, num_mb, logits):
             logp = self._logprobs(batch, logits, inplace=True)
@@ -382,7 +442,14 @@ class PolicyEngine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run(batches, loss_func, forward_only=False)
+        if self.routing is None:
+            outputs = self._run(batches, loss_func, forward_only=False)
+        else:
+            self.routing.begin("replay")
+            try:
+                outputs = self._run(batches, loss_func, forward_only=False)
+            finally:
+                self.routing.end()
 
         result = self._reduce_stats(self._from_last_stage(_summarise(outputs)))
         # Megatron's fp32 step does not test for inf/nan (only its fp16 grad scaler does): check first.
