@@ -181,15 +181,18 @@ def collate(
     *,
     pad_token_id: int = 0,
     shape: tuple[int, int] | None = None,
+    seq_multiple_of: int = 1,
 ) -> MicroBatch:
     """Right-pad `samples` into one `MicroBatch`; `old_logprobs[i]` is `[n_response_i]` (None: zeros).
 
     `shape = (B, T)` pads to at least that many rows (fully masked) and positions, for schedules that
-    need one tensor shape for every micro-batch.
+    need one tensor shape for every micro-batch. `seq_multiple_of` rounds T up (sequence parallelism
+    splits T over the TP ranks, so T must divide by TP).
     """
     b, t = len(samples), max((s.seq_len for s in samples), default=1)
     if shape is not None:
         b, t = max(b, shape[0]), max(t, shape[1])
+    t = -(-t // seq_multiple_of) * seq_multiple_of
     if b == 0:
         raise ValueError("collate needs at least one sample or a shape")
     input_ids = torch.full((b, t), pad_token_id, dtype=torch.long)

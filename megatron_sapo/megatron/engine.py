@@ -146,6 +146,7 @@ class PolicyEngine:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
         self.model = self._build_model(model_provider, optim, ddp_config)
+        self._sequence_parallel = self.model[0].config.sequence_parallel
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -248,11 +249,13 @@ class PolicyEngine:
         shape = None
         if interleaved:
             shape = (max(len(g) for g in groups), max(s.seq_len for s in samples))
+        # Sequence parallelism splits T over the TP ranks: T must divide by TP.
+        multiple = parallel_state.get_tensor_model_parallel_world_size() if self._sequence_parallel else 1
         batches = []
         for g in groups:
             old = [old_logprobs[i] for i in g] if old_logprobs is not None and g else None
             rows = [samples[i] for i in g] if g else [_filler()]
-            batches.append(collate(rows, old, pad_token_id=pad, shape=shape))
+            batches.append(collate(rows, old, pad_token_id=pad, shape=shape, seq_multiple_of=multiple))
             if routing is not None:
                 self.routing.attach_to(batches[-1], [routing[i] for i in g])
         return [b.to(self.device) for b in batches], groups

@@ -1,9 +1,12 @@
-"""Run a function on N local processes joined in a gloo process group, and collect what each returns.
+"""Run a function on N local processes joined in a process group, and collect what each returns.
 
-Used by the distributed test tier and the CPU benchmarks: real torch.distributed (gloo), real
-megatron-core parallel state, one OS process per rank, no mocks.
+Used by the distributed test tier and the benchmarks: real torch.distributed (gloo on CPU, NCCL on GPU),
+real megatron-core parallel state, one OS process per rank, no mocks.
 
     results = run_on_ranks(fn, world_size=2, args=(...,))   # fn(rank, world_size, *args) -> picklable
+    results = run_on_ranks(fn, world_size=2, backend="nccl")  # rank r on GPU r
+
+Tests: ``python -m pytest tests/unit/test_spawn.py tests/distributed/test_loss_dp.py -q``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+BACKENDS = ("gloo", "nccl")
 
 
 def free_port() -> int:
@@ -27,7 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue: Any) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, queue: Any
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -36,7 +44,10 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
         WORLD_SIZE=str(world_size),
     )
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            # Before init: NCCL binds each rank's communicator to the current device.
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         # Plain pickle, by value: torch's queue reducer would share tensor storage through file
         # descriptors that disappear when this process exits.
@@ -49,17 +60,30 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_on_ranks(fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; return results by rank.
+def run_on_ranks(
+    fn: Callable, world_size: int, args: tuple = (), timeout: float = 300.0, *, backend: str = "gloo"
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks; return results by rank.
 
-    ``fn`` must be importable by name (a module-level function). Raises RuntimeError with the failing
-    rank's traceback if any rank fails, or TimeoutError if the ranks do not finish in ``timeout`` s.
+    ``backend``: "gloo" (CPU) or "nccl" (rank r runs on GPU r). ``fn`` must be importable by name (a
+    module-level function). Raises ValueError for an unknown backend, a world size < 1 or, with NCCL,
+    more ranks than visible GPUs (NCCL refuses two ranks on one device); RuntimeError with the failing
+    rank's traceback if any rank fails; TimeoutError if the ranks do not finish in ``timeout`` s.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise ValueError(
+            f"backend='nccl' needs one GPU per rank: world_size={world_size}, "
+            f"visible GPUs={torch.cuda.device_count()}"
+        )
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, queue), daemon=False)
         for r in range(world_size)
     ]
     for p in procs:

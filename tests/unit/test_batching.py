@@ -94,3 +94,14 @@ def test_collate_aligns_labels_masks_and_old_logprobs() -> None:
     ]
     assert mb.advantages.tolist() == [0.5, -1.0, 0.0]
     assert mb.position_ids[1].tolist() == list(range(7))
+
+
+def test_collate_rounds_the_sequence_length_up_for_sequence_parallelism() -> None:
+    samples = [Sample(torch.arange(1, 8), 3, 1.0), Sample(torch.arange(1, 5), 2, -1.0)]  # seq_len 6 and 3
+    plain = collate(samples)
+    padded = collate(samples, seq_multiple_of=4)
+    assert plain.input_ids.shape == (2, 6) and padded.input_ids.shape == (2, 8)
+    # The extra positions are padding: never in the loss, and the real positions are unchanged.
+    assert not padded.loss_mask[:, 6:].any()
+    assert torch.equal(padded.input_ids[:, :6], plain.input_ids)
+    assert torch.equal(padded.loss_mask[:, :6], plain.loss_mask)
