@@ -14,7 +14,7 @@ before `build_gpt_model` (megatron reads the TP/PP/EP groups from it). On CPU ca
 
 Weights are left at megatron's initialisation: loading Hugging Face weights is the bridge's job.
 Tests: `python -m pytest tests/unit/test_models.py tests/distributed/test_models_tp.py -q`
-(logits agree with transformers to ~1e-6 in fp32 after a test-local weight copy).
+(logits agree with transformers to ~1e-6 in fp32 after loading through `megatron_sapo.bridge`).
 """
 
 from __future__ import annotations

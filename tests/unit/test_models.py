@@ -1,10 +1,11 @@
 """megatron-core GPTModels built from Hugging Face configs (`megatron_sapo.megatron.models`) vs transformers.
 
 Tiny random Qwen3 / Qwen3-MoE / Qwen2-MoE / Llama configs (head_dim 16 != hidden 64 / 4 heads, GQA 4/2):
-the config mapping against the values the test passed to transformers, total parameter counts and
-per-tensor shapes against the transformers model, and -- the independent reference -- logits of the
-megatron model after copying the transformers weights in (tests/hf_reference.py) equal transformers'
-logits in fp32. Runs in this process on a 1-rank gloo group with megatron's parallel state.
+the config mapping against the values the test passed to transformers, total parameter counts against
+the transformers model, per-tensor shapes and values by exporting through the bridge and comparing with
+what `save_pretrained` writes, and -- the independent reference -- logits of the megatron model after
+loading the transformers weights through the bridge (`megatron_sapo.bridge`) equal transformers' logits
+in fp32. Runs in this process on a 1-rank gloo group with megatron's parallel state.
 
     python -m pytest tests/unit/test_models.py -q
 """
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from transformers import GPT2Config, MistralConfig
 
+from megatron_sapo.bridge import export_hf_weights, load_hf_weights
 from megatron_sapo.megatron.cpu import causal_attention_mask
 from megatron_sapo.megatron.models import (
     build_gpt_model,
@@ -34,7 +36,7 @@ from megatron_sapo.megatron.models import (
 from megatron_sapo.megatron.testing import init_megatron_cpu
 from megatron_sapo.utils.spawn import free_port
 from tests.hf_reference import (
-    hf_to_megatron,
+    checkpoint_state_dict,
     llama_config,
     qwen2_moe_config,
     qwen3_config,
@@ -82,10 +84,6 @@ def _megatron_tp1():
         dist.destroy_process_group()
 
 
-def _megatron_params(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parameter_count_and_shapes_match_transformers(case: str) -> None:
     hf_config = CASES[case]()
@@ -93,9 +91,14 @@ def test_parameter_count_and_shapes_match_transformers(case: str) -> None:
     model = build_gpt_model(hf_config)
     # parameters() yields a tied weight once on both sides.
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
-    reference = {name: tuple(t.shape) for name, t in hf_to_megatron(hf.state_dict(), hf_config).items()}
-    assert _megatron_params(model) == reference
     assert model.unpadded_vocab_size == hf_config.vocab_size
+    # in-memory transformers-5 names (fused experts) in, checkpoint names out, every tensor bit-exact
+    load_hf_weights(model, hf_config, hf.state_dict())
+    exported = {name: t for bucket in export_hf_weights(model, hf_config) for name, t in bucket}
+    reference = checkpoint_state_dict(hf)
+    assert sorted(exported) == sorted(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(exported[name], tensor), name
 
 
 @torch.no_grad()
@@ -104,9 +107,7 @@ def test_logits_match_transformers(case: str) -> None:
     hf_config = CASES[case]()
     hf = tiny_hf_model(hf_config, seed=1)
     model = build_gpt_model(hf_config).eval()
-    full = hf_to_megatron(hf.state_dict(), hf_config)
-    for name, param in model.named_parameters():
-        param.copy_(full[name])
+    load_hf_weights(model, hf_config, hf.state_dict())
 
     batch, seq = 2, 12
     tokens = torch.randint(0, hf_config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))
