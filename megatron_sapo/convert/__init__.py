@@ -1,0 +1,35 @@
+"""Checkpoint conversion Hugging Face <-> Megatron distributed checkpoints (the library behind tools/).
+
+    from megatron_sapo.convert import Layout, check_layout, hf_to_megatron, megatron_to_hf, parallel_session
+
+    with parallel_session(Layout(tp=2)):                  # under torchrun --nproc-per-node 2
+        hf_to_megatron("/ckpt/hf", "/ckpt/mcore")
+
+CLIs: `tools/convert_hf_to_megatron.py`, `tools/convert_megatron_to_hf.py` (`--help`).
+Tests: `python -m pytest tests/e2e/test_converters.py -q`
+"""
+
+from megatron_sapo.convert.assets import load_hf_config, read_metadata
+from megatron_sapo.convert.checkpoints import hf_to_megatron, load_megatron_model, megatron_to_hf
+from megatron_sapo.convert.layout import (
+    ConversionError,
+    Layout,
+    check_layout,
+    default_layout,
+    parallel_session,
+    world_size,
+)
+
+__all__ = [
+    "ConversionError",
+    "Layout",
+    "check_layout",
+    "default_layout",
+    "hf_to_megatron",
+    "load_hf_config",
+    "load_megatron_model",
+    "megatron_to_hf",
+    "parallel_session",
+    "read_metadata",
+    "world_size",
+]

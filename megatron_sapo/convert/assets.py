@@ -1,0 +1,151 @@
+"""Files that travel with a converted checkpoint: HF config, tokenizer, generation config, converter metadata.
+
+A converter output directory (`hf_to_megatron`) holds the megatron distributed checkpoint next to what is
+needed to go back to Hugging Face::
+
+    config.json  tokenizer.json  tokenizer_config.json  ...  generation_config.json
+    megatron_sapo.json                      format, model_type, layout used, dtype, tensor count
+    latest_checkpointed_iteration.txt       "0"
+    iter_0000000/                           torch_dist checkpoint (model weights only)
+
+Tests: `python -m pytest tests/e2e/test_converters.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from megatron_sapo.convert.layout import ConversionError, Layout
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "megatron_sapo.json"
+FORMAT = "megatron_sapo.megatron_checkpoint"
+FORMAT_VERSION = 1
+
+# Copied verbatim when present (config.json is required and checked separately).
+ASSET_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def load_hf_config(hf_dir: str | os.PathLike) -> Any:
+    """The transformers config of `hf_dir`, after checking the dir and that its model_type is supported."""
+    from megatron_sapo.megatron.models import ARCHITECTURES
+
+    path = Path(hf_dir)
+    if not path.is_dir():
+        raise ConversionError(f"directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"no config.json in {path} (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{config_file} is not valid JSON ({err})") from None
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ConversionError(
+            f"unknown architecture: model_type={model_type!r} in {config_file} "
+            f"(architectures={raw.get('architectures')}); supported: {sorted(ARCHITECTURES)}"
+        )
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def safetensors_dtype(hf_dir: str | os.PathLike) -> tuple[str, int, int]:
+    """(most common torch dtype name, tensor count, total bytes) of the safetensors weights in `hf_dir`."""
+    from safetensors import safe_open
+
+    from megatron_sapo.bridge import SafetensorsReader
+
+    try:
+        reader = SafetensorsReader(hf_dir)
+    except FileNotFoundError as err:
+        raise ConversionError(f"no safetensors weights in {hf_dir} ({err})") from None
+    by_file: dict[Path, list[str]] = {}
+    for name in reader.names():
+        by_file.setdefault(Path(reader.describe(name)), []).append(name)
+    dtypes: Counter[str] = Counter()
+    count = total = 0
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as handle:
+            for name in names:
+                view = handle.get_slice(name)
+                dtypes[view.get_dtype()] += 1
+                numel = 1
+                for dim in view.get_shape():
+                    numel *= dim
+                total += numel * {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(view.get_dtype(), 4)
+                count += 1
+    code = dtypes.most_common(1)[0][0]
+    if code not in _SAFETENSORS_DTYPES:
+        raise ConversionError(f"weights in {hf_dir} are {code}; only float checkpoints convert")
+    if len(dtypes) > 1:
+        logger.warning("mixed dtypes %s in %s: exporting all as %s", dict(dtypes), hf_dir, code)
+    return _SAFETENSORS_DTYPES[code], count, total
+
+
+def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy config, tokenizer and generation-config files from `src` to `dst`; return the names copied."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [name for name in ASSET_FILES if (src / name).is_file()]
+    for name in copied:
+        shutil.copyfile(src / name, dst / name)
+    if not any(name in copied for name in _TOKENIZER_FILES):
+        logger.warning("no tokenizer files in %s: the output will carry none", src)
+    return copied
+
+
+def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: Layout, **fields: Any) -> None:
+    """Write `megatron_sapo.json` (what `read_metadata` checks on the way back)."""
+    meta = dict(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        model_type=hf_config.model_type,
+        architectures=getattr(hf_config, "architectures", None),
+        layout=layout.as_dict(),
+        **fields,
+    )
+    (Path(out_dir) / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_metadata(megatron_dir: str | os.PathLike) -> dict[str, Any]:
+    """The converter metadata of `megatron_dir`; ConversionError when it is not a converter output."""
+    path = Path(megatron_dir)
+    if not path.is_dir():
+        raise ConversionError(f"directory {path} does not exist")
+    meta_file = path / METADATA_FILE
+    if not meta_file.is_file():
+        raise ConversionError(
+            f"no {METADATA_FILE} in {path}: not an output of tools/convert_hf_to_megatron.py"
+        )
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ConversionError(
+            f"{meta_file}: format {meta.get('format')!r} version {meta.get('format_version')!r}, "
+            f"expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    return meta
