@@ -1,0 +1,283 @@
+"""Benchmark: weight-export throughput of the bridge, and speed / peak memory of the checkpoint converters.
+
+(a) Export: `megatron_sapo.bridge.export_hf_weights` on a >= 1 GiB random fp32 model (megatron's own
+random init, built by `build_gpt_model`) at TP2 (a dense Qwen3: MoE with TP>1 needs sequence
+parallelism, which has no CPU path) and at EP2 (a Qwen3-MoE of about the same size), 2 gloo ranks
+(`run_on_ranks`, 1 torch thread each). Every rank iterates the generator; rank 0 drains each bucket by
+copying every tensor's bytes into one preallocated (pre-touched) byte buffer, as a consumer that ships
+the bucket would. Export GB/s = HF bytes received on rank 0 / wall time of the whole loop on rank 0
+(barrier first; median over `--reps`). Reference: a single-process `dst.copy_(src)` of the same number
+of bytes between two pre-touched buffers (torch's default threads, same run, median over `--reps`); the
+ratio export / memcpy is printed (target >= 0.3). Rank 0's peak extra RSS during the export (VmHWM
+after `/proc/self/clear_refs`, above the post-build RSS) is printed too: the bridge promises one bucket
+plus one gathered parameter.
+
+(b) Converters: a random Qwen3 HF model of each `--convert-gb` size is saved with `save_pretrained`
+(`max_shard_size`, default 200MB, so there are several shards), then converted with
+`tools/convert_hf_to_megatron.py` and back with `tools/convert_megatron_to_hf.py`, each with 1 process
+(plain python) and 2 processes (`torchrun`, TP2). Reported: wall seconds (process start to exit, imports
+included), GB/s = HF bytes / seconds, net GB/s = HF bytes / (seconds − the import-only baseline's
+seconds), and peak RSS = GNU `/usr/bin/time -v` "Maximum resident set size" of each converter process
+(the kernel's high-water mark, so short peaks count; with 2 processes the largest rank; mmap'd
+safetensors pages that were touched count as resident). The baseline is the same
+measurement of a process that only imports what the converters import (torch, megatron-core,
+transformers, `megatron_sapo.convert`) and exits; "above base" = peak − baseline. Target: peak RSS
+<= 1.5 × the largest shard file of the HF checkpoint.
+
+    python benchmarks/bench_bridge.py                                  # both parts, defaults
+    python benchmarks/bench_bridge.py --skip-convert --buckets-mib 512 64
+    python benchmarks/bench_bridge.py --skip-export --convert-gb 0.25 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_sapo.utils.spawn import run_on_ranks
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1e9
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _export_config(layout: str, args: argparse.Namespace):  # -> transformers PretrainedConfig
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    common = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 128,
+        num_key_value_heads=max(1, args.hidden // 512),
+        head_dim=128,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+    if layout == "TP2":
+        return Qwen3Config(**common, intermediate_size=args.intermediate)
+    # EP2: as many expert bytes per layer as the dense MLP has.
+    experts = args.experts
+    return Qwen3MoeConfig(
+        **common,
+        intermediate_size=args.intermediate,
+        num_experts=experts,
+        num_experts_per_tok=2,
+        moe_intermediate_size=args.intermediate // experts,
+    )
+
+
+def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespace) -> dict:
+    import torch.distributed as dist
+
+    from megatron_sapo.bridge import export_hf_weights
+    from megatron_sapo.megatron.models import build_gpt_model
+    from megatron_sapo.megatron.testing import init_megatron_cpu
+
+    torch.set_num_threads(1)  # 2 ranks on the machine's cores
+    init_megatron_cpu(**({"tp": 2} if layout == "TP2" else {"ep": 2}))
+    hf_config = _export_config(layout, args)
+    model = build_gpt_model(hf_config).eval()
+    local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer = torch.ones(max(args.buckets_mib) << 20, dtype=torch.uint8)  # pre-touched drain target
+    out = {"local_bytes": local_bytes, "runs": {}}
+    for mib in args.buckets_mib:
+        times, peaks, received = [], [], 0
+        for _ in range(args.reps):
+            dist.barrier()
+            Path("/proc/self/clear_refs").write_text("5")
+            base_kb = _status_kb("VmRSS")
+            t0 = time.perf_counter()
+            received = 0
+            for bucket in export_hf_weights(model, hf_config, bucket_bytes=mib << 20, dst_ranks=(0,)):
+                offset = 0
+                for _, tensor in bucket:
+                    flat = tensor.reshape(-1).view(torch.uint8)
+                    if offset + flat.numel() > buffer.numel():  # a single tensor above the bucket size
+                        offset, buffer = 0, torch.ones(flat.numel(), dtype=torch.uint8)
+                    buffer[offset : offset + flat.numel()].copy_(flat)
+                    offset += flat.numel()
+                received += offset
+            times.append(time.perf_counter() - t0)
+            peaks.append((_status_kb("VmHWM") - base_kb) << 10)
+        out["runs"][mib] = {"bytes": received, "times": times, "peak_extra": max(peaks)}
+    # The transport alone: all_gather of 64 MiB per rank (bytes landing on rank 0 / time).
+    shard, times = torch.ones(16 << 20), []
+    gathered = [torch.empty_like(shard) for _ in range(world_size)]
+    for _ in range(args.reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_gather(gathered, shard)
+        times.append(time.perf_counter() - t0)
+    out["all_gather_gbps"] = world_size * shard.numel() * 4 / statistics.median(times) / GB
+    return out
+
+
+def _memcpy_times(nbytes: int, reps: int) -> list[float]:
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_export(args: argparse.Namespace) -> None:
+    print(
+        f"== export: vocab={args.vocab} hidden={args.hidden} layers={args.layers} "
+        f"intermediate={args.intermediate} (EP2: {args.experts} experts x {args.intermediate // args.experts})"
+        f", fp32, 2 gloo ranks x 1 thread, reps={args.reps}; memcpy: {torch.get_num_threads()} threads"
+    )
+    header = f"{'layout':<6} {'bucket':>8} {'GB':>6} {'export s':>9} {'GB/s':>6} {'memcpy GB/s':>11}"
+    print(header + f" {'ratio':>6} {'rank0 peak extra':>17}  export times")
+    for layout in args.layouts:
+        result = run_on_ranks(_export_rank, world_size=2, args=(layout, args), timeout=1800)
+        print(
+            f"{layout}: {result[0]['local_bytes'] / GB:.2f} GB of parameters on rank 0; "
+            f"gloo all_gather (2 x 64 MiB) {result[0]['all_gather_gbps']:.2f} GB/s"
+        )
+        for mib, run in result[0]["runs"].items():
+            nbytes, t = run["bytes"], statistics.median(run["times"])
+            copy = statistics.median(_memcpy_times(nbytes, args.reps))
+            print(
+                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {t:>9.2f} {nbytes / t / GB:>6.2f} "
+                f"{nbytes / copy / GB:>11.2f} {copy / t:>6.2f} {run['peak_extra'] / 2**20:>13.0f} MiB  "
+                + ", ".join(f"{x:.2f}" for x in run["times"])
+            )
+
+
+def _save_random_hf(path: Path, size_gb: float, max_shard: str) -> int:
+    """A random Qwen3 of about `size_gb` GB in fp32, saved in shards; returns its parameter bytes."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    hidden, vocab, inter = 1024, 16384, 4096
+    per_layer = 4 * (2 * hidden * 1024 + 2 * hidden * 512 + 3 * hidden * inter + 4 * 128 + 2 * hidden)
+    layers = max(1, round((size_gb * GB - 2 * 4 * vocab * hidden) / per_layer))
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False,
+        max_position_embeddings=4096, dtype="float32",
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.save_pretrained(path, max_shard_size=max_shard)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _timed(cmd: list[str], procs: int, log_dir: Path) -> tuple[float, int]:
+    """Run `cmd` (a python script + args) under GNU time, on `procs` ranks; (seconds, max peak RSS bytes)."""
+    for old in log_dir.glob("time.*"):
+        old.unlink()
+    timer = ["/usr/bin/time", "-v", "-o"]
+    if procs == 1:
+        full = [*timer, str(log_dir / "time.0"), sys.executable, *cmd]
+    else:  # one GNU time per rank: torchrun starts the wrapper, which reads its RANK
+        script = f'exec /usr/bin/time -v -o {log_dir}/time.$RANK "$@"'
+        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]
+        full = [*torchrun, "--no-python", "sh", "-c", script, "sh", sys.executable, *cmd]
+    t0 = time.perf_counter()
+    proc = subprocess.run(full, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(full)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    peaks = [
+        int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read_text())[1]) << 10
+        for f in log_dir.glob("time.*")
+    ]
+    return seconds, max(peaks)
+
+
+TO_MCORE, TO_HF = "tools/convert_hf_to_megatron.py", "tools/convert_megatron_to_hf.py"
+IMPORTS = "import torch, megatron.core, transformers, megatron_sapo.convert, megatron_sapo.bridge"
+
+
+def bench_convert(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench_bridge_", dir=args.workdir))
+    try:
+        base_s, base = _timed(["-c", IMPORTS], 1, work)
+        print(
+            f"== converters: random Qwen3 fp32, save_pretrained max_shard_size={args.max_shard}; "
+            f"peak RSS = /usr/bin/time -v max RSS (largest rank); import-only baseline "
+            f"{base / 2**20:.0f} MiB, {base_s:.1f} s"
+        )
+        print(
+            f"{'direction':<9} {'procs':>5} {'GB':>5} {'seconds':>8} {'GB/s':>5} {'net GB/s':>8} {'peak RSS':>9} "
+            f"{'above base':>10} {'largest shard':>13} {'peak/shard':>10} {'above/shard':>11}"
+        )
+        for size in args.convert_gb:
+            hf = work / f"hf_{size}"
+            nbytes = _save_random_hf(hf, size, args.max_shard)
+            shard = max(f.stat().st_size for f in hf.glob("*.safetensors"))
+            for procs in args.procs:
+                mcore, back = work / f"mcore_{size}_{procs}", work / f"back_{size}_{procs}"
+                layout = [] if procs == 1 else ["--tp", str(procs)]
+                to_hf = ["--max-shard-size", args.max_shard, "--no-progress"]
+                runs = [
+                    ("hf->mcore", [TO_MCORE, "--hf-dir", str(hf), "--output-dir", str(mcore), *layout]),
+                    (
+                        "mcore->hf",
+                        [TO_HF, "--megatron-dir", str(mcore), "--output-dir", str(back), *layout, *to_hf],
+                    ),
+                ]
+                for name, cmd in runs:
+                    seconds, peak = _timed(cmd, procs, work)
+                    above = peak - base
+                    print(
+                        f"{name:<9} {procs:>5} {nbytes / GB:>5.2f} {seconds:>8.1f} {nbytes / seconds / GB:>5.2f} "
+                        f"{nbytes / max(seconds - base_s, 1e-3) / GB:>8.2f} "
+                        f"{peak / 2**20:>5.0f} MiB {above / 2**20:>6.0f} MiB {shard / 2**20:>9.0f} MiB "
+                        f"{peak / shard:>10.2f} {above / shard:>11.2f}"
+                    )
+                shutil.rmtree(mcore)
+                shutil.rmtree(back)
+            shutil.rmtree(hf)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layouts", nargs="+", choices=["TP2", "EP2"], default=["TP2", "EP2"])
+    p.add_argument("--buckets-mib", type=int, nargs="+", default=[512, 64], help="export bucket sizes")
+    p.add_argument("--vocab", type=int, default=32000, help="export model: vocabulary")
+    p.add_argument("--hidden", type=int, default=2048, help="export model: hidden size (multiple of 512)")
+    p.add_argument("--layers", type=int, default=3, help="export model: decoder layers")
+    p.add_argument("--intermediate", type=int, default=8192, help="export model: dense MLP width")
+    p.add_argument("--experts", type=int, default=8, help="export model (EP2): experts of width I/E")
+    p.add_argument("--reps", type=int, default=3, help="timed exports / memcpys (median reported)")
+    p.add_argument("--convert-gb", type=float, nargs="+", default=[0.25, 1.0], help="HF model sizes")
+    p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="converter process counts")
+    p.add_argument("--max-shard", default="200MB", help="save_pretrained max_shard_size")
+    p.add_argument("--workdir", default=None, help="scratch dir for checkpoints (default: system tmp)")
+    p.add_argument("--skip-export", action="store_true")
+    p.add_argument("--skip-convert", action="store_true")
+    args = p.parse_args()
+    if not args.skip_export:
+        bench_export(args)
+    if not args.skip_convert:
+        bench_convert(args)
+
+
+if __name__ == "__main__":
+    main()
