@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.cpu import (
     cpu_transformer_config_kwargs,
     enable_cpu_compat,
@@ -30,14 +31,36 @@ from megatron_sapo.megatron.cpu import (
 )
 
 
-def init_megatron_cpu(*, tp: int = 1, pp: int = 1, ep: int = 1, seed: int = 1234) -> None:
+def init_megatron_cpu(
+    *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int | None = None, seed: int = 1234
+) -> None:
     """Enable the CPU layer and build megatron's parallel state inside an initialised gloo group."""
     enable_cpu_compat()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
     )
     model_parallel_manual_seed(seed)
+
+
+def random_samples(
+    n: int, *, vocab: int, seed: int, lengths: tuple[int, int] = (9, 25), prompts: tuple[int, int] = (3, 7)
+) -> list[Sample]:
+    """`n` rollout samples with random tokens in [1, vocab), lengths in `[lengths)`, prompt lengths in
+    `[prompts)` and N(0, 1) advantages, from a generator seeded with `seed` (the same on every rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(*lengths, (1,), generator=generator))
+        prompt = int(torch.randint(*prompts, (1,), generator=generator))
+        tokens = torch.randint(1, vocab, (length,), generator=generator)
+        out.append(
+            Sample(tokens, response_start=prompt, advantage=float(torch.randn((), generator=generator)))
+        )
+    return out
 
 
 def tiny_gpt_config(

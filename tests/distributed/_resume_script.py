@@ -26,17 +26,9 @@ VOCAB, SAMPLES_PER_STEP, MINI_BATCHES = 64, 8, 2
 
 
 def _samples(position: int) -> list:
-    from megatron_sapo.megatron.batching import Sample
+    from megatron_sapo.megatron.testing import random_samples
 
-    generator = torch.Generator().manual_seed(10_000 + position)
-    out = []
-    for _ in range(SAMPLES_PER_STEP):
-        length = int(torch.randint(9, 20, (1,), generator=generator))
-        prompt = int(torch.randint(3, 7, (1,), generator=generator))
-        tokens = torch.randint(1, VOCAB, (length,), generator=generator)
-        advantage = float(torch.randn((), generator=generator))
-        out.append(Sample(tokens, response_start=prompt, advantage=advantage))
-    return out
+    return random_samples(SAMPLES_PER_STEP, vocab=VOCAB, seed=10_000 + position, lengths=(9, 20))
 
 
 def _provider(pre_process: bool, post_process: bool, vp_stage: int | None = None) -> torch.nn.Module:

@@ -28,20 +28,10 @@ REPO = Path(__file__).resolve().parents[2]
 RESUME_SCRIPT = Path(__file__).with_name("_resume_script.py")
 
 
-def _init(*, tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1) -> None:
-    from megatron.core import parallel_state
+def _init(**layout) -> None:
+    from megatron_sapo.megatron.testing import init_megatron_cpu
 
-    from megatron_sapo.megatron.cpu import enable_cpu_compat, model_parallel_manual_seed
-
-    enable_cpu_compat()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        expert_model_parallel_size=ep,
-    )
-    model_parallel_manual_seed(1234)
+    init_megatron_cpu(**layout)
 
 
 def _engine(*, moe: bool = False, dropout: float = 0.1):
@@ -93,16 +83,11 @@ def _engine(*, moe: bool = False, dropout: float = 0.1):
 def _samples(seed: int) -> list:
     from megatron.core import parallel_state
 
-    from megatron_sapo.megatron.batching import Sample, shard_for_data_parallel
+    from megatron_sapo.megatron.batching import shard_for_data_parallel
+    from megatron_sapo.megatron.testing import random_samples
 
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(8):
-        length = int(torch.randint(9, 20, (1,), generator=generator))
-        tokens = torch.randint(1, VOCAB, (length,), generator=generator)
-        out.append(Sample(tokens, response_start=4, advantage=float(torch.randn((), generator=generator))))
     return shard_for_data_parallel(
-        out,
+        random_samples(8, vocab=VOCAB, seed=seed, lengths=(9, 20), prompts=(4, 5)),
         mini_batches=2,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),

@@ -26,34 +26,15 @@ TOL = 1e-5
 
 
 def _samples() -> list:
-    from megatron_sapo.megatron.batching import Sample
+    from megatron_sapo.megatron.testing import random_samples
 
-    generator = torch.Generator().manual_seed(5)
-    out = []
-    for _ in range(NUM_SAMPLES):
-        length = int(torch.randint(9, 25, (1,), generator=generator))
-        prompt = int(torch.randint(3, 7, (1,), generator=generator))
-        tokens = torch.randint(1, VOCAB, (length,), generator=generator)
-        out.append(
-            Sample(tokens, response_start=prompt, advantage=float(torch.randn((), generator=generator)))
-        )
-    return out
+    return random_samples(NUM_SAMPLES, vocab=VOCAB, seed=5)
 
 
-def _init(*, tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1) -> None:
-    from megatron.core import parallel_state
+def _init(**layout) -> None:
+    from megatron_sapo.megatron.testing import init_megatron_cpu
 
-    from megatron_sapo.megatron.cpu import enable_cpu_compat, model_parallel_manual_seed
-
-    enable_cpu_compat()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        expert_model_parallel_size=ep,
-    )
-    model_parallel_manual_seed(1234)
+    init_megatron_cpu(**layout)
 
 
 def _provider(moe: bool, weights: dict[str, np.ndarray] | None):

@@ -28,18 +28,9 @@ TOL = 1e-5
 
 
 def _samples() -> list:
-    from megatron_sapo.megatron.batching import Sample
+    from megatron_sapo.megatron.testing import random_samples
 
-    generator = torch.Generator().manual_seed(5)
-    out = []
-    for _ in range(NUM_SAMPLES):
-        length = int(torch.randint(9, 25, (1,), generator=generator))
-        prompt = int(torch.randint(3, 7, (1,), generator=generator))
-        tokens = torch.randint(1, VOCAB, (length,), generator=generator)
-        out.append(
-            Sample(tokens, response_start=prompt, advantage=float(torch.randn((), generator=generator)))
-        )
-    return out
+    return random_samples(NUM_SAMPLES, vocab=VOCAB, seed=5)
 
 
 def _provider(weights: dict[str, torch.Tensor]):
