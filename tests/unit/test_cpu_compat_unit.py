@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
 if torch.cuda.is_available():
     pytest.skip(
         "the CPU compatibility layer must never be enabled on a CUDA machine", allow_module_level=True

@@ -17,7 +17,6 @@ import functools
 import pytest
 import torch
 
-pytest.importorskip("megatron.core")
 if torch.cuda.is_available():
     pytest.skip("CPU tests (the CPU compatibility layer refuses CUDA machines)", allow_module_level=True)
 
