@@ -77,10 +77,14 @@ def _gather(lp: LocalParam, table: MappingTable, groups: ParallelGroups) -> list
     tensor = lp.param.detach()
     tp = group_size(lp.tp_group)
     if lp.mapping.split is not None and tp > 1:
-        shards = [torch.empty_like(tensor) for _ in range(tp)]
-        dist.all_gather(shards, tensor.contiguous(), group=lp.tp_group)
-        tensor = lp.mapping.merge_tp(shards)
-        del shards
+        # One [tp, *shard] stack is the only full-size temporary (a list all_gather plus torch.cat held
+        # two); split-0 tensors are then a view of it.
+        flat = tensor.new_empty((tp * tensor.shape[0], *tensor.shape[1:]))  # gloo wants the dim-0 concat
+        dist.all_gather_into_tensor(flat, tensor.contiguous(), group=lp.tp_group)
+        stacked = flat.view(tp, *tensor.shape)
+        del flat
+        tensor = lp.mapping.merge_tp(stacked)
+        del stacked
     fulls = [tensor]
     if lp.mapping.is_expert and group_size(groups.ep) > 1:
         fulls = [torch.empty_like(tensor) for _ in range(group_size(groups.ep))]

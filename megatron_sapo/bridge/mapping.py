@@ -77,6 +77,10 @@ def _along(dim: int, start: int, stop: int) -> Index:
     return (slice(None),) * dim + (slice(start, stop),)
 
 
+def _stack(shards: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    return shards if isinstance(shards, torch.Tensor) else torch.stack(list(shards))
+
+
 @functools.cache
 def _compile(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
@@ -110,9 +114,13 @@ class Mapping:
         """False when the HF checkpoint has no tensor of its own for this parameter (tied output)."""
         return True
 
-    def merge_tp(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The full megatron tensor from the TP ranks' shards (in TP rank order)."""
-        return torch.cat(list(shards), dim=self.split) if self.split is not None else shards[0]
+    def merge_tp(self, shards: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The full megatron tensor from the TP ranks' shards, stacked `[tp, *shard]` (or a list) in TP
+        rank order. Split 0 is a view of the stack (no copy): export gathers straight into one stack."""
+        stacked = _stack(shards)
+        if self.split is None:
+            return stacked[0]
+        return stacked.movedim(0, self.split).flatten(self.split, self.split + 1)
 
     def to_hf(self, full: torch.Tensor, dims: ModelDims) -> list[torch.Tensor]:
         """HF tensors (in `hf` order) from the full megatron tensor. Works on meta tensors (shapes)."""
@@ -225,8 +233,9 @@ class GatedMLP(Mapping):
         super().__init__(megatron, (gate, up), 0)
 
     def merge_tp(self, shards):
-        halves = [shard.chunk(2, dim=0) for shard in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        stacked = _stack(shards)  # [tp, 2·I/tp, *tail]: each rank holds [gate_r; up_r]
+        tp, rows, *tail = stacked.shape
+        return stacked.view(tp, 2, rows // 2, *tail).transpose(0, 1).reshape(2 * tp * (rows // 2), *tail)
 
     def to_hf(self, full, dims):
         return list(full.chunk(2, dim=0))
