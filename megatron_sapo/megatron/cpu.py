@@ -282,19 +282,27 @@ def _identity_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tenso
     return self
 
 
-def _without_tensor_cuda(fn: Callable) -> Callable:
-    """Run `fn` with `Tensor.cuda` as identity; safe only because CUDA is absent in this process."""
+def _with_tensor_method(name: str, replacement: Callable) -> Callable[[Callable], Callable]:
+    """Decorator: run the function with `torch.Tensor.<name>` replaced, restored afterwards. Safe only
+    because CUDA is absent in this process, so no real CUDA tensor can reach the replacement."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        original = torch.Tensor.cuda
-        torch.Tensor.cuda = _identity_cuda
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.Tensor.cuda = original
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, replacement)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(torch.Tensor, name, original)
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+# `Tensor.cuda` as identity (tied-embedding setup across pipeline stages calls `.cuda()`).
+_without_tensor_cuda = _with_tensor_method("cuda", _identity_cuda)
 
 
 _ORIGINAL_TENSOR_TYPE = torch.Tensor.type
@@ -306,20 +314,8 @@ def _cuda_type_name(self: torch.Tensor, dtype: Any = None, non_blocking: bool = 
     return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
 
 
-def _with_cuda_type_names(fn: Callable) -> Callable:
-    """Run `fn` with CPU tensors' `.type()` naming the CUDA type (megatron's optimizer sorts params by
-    that string); safe only because CUDA is absent in this process, so no real CUDA tensor exists."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        original = torch.Tensor.type
-        torch.Tensor.type = _cuda_type_name
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.Tensor.type = original
-
-    return wrapper
+# CPU tensors' `.type()` names the CUDA type: megatron's optimizer sorts params by that string.
+_with_cuda_type_names = _with_tensor_method("type", _cuda_type_name)
 
 
 def _check_version() -> None:
