@@ -12,27 +12,30 @@ ratio export / memcpy is printed (target >= 0.3). Rank 0's peak extra RSS during
 after `/proc/self/clear_refs`, above the post-build RSS) is printed too: the bridge promises one bucket
 plus one gathered parameter.
 
-(b) Converters: a random Qwen3 HF model of each `--convert-gb` size is saved with `save_pretrained`
-(`max_shard_size`, default 200MB, so there are several shards), then converted with
-`tools/convert_hf_to_megatron.py` and back with `tools/convert_megatron_to_hf.py`, each with 1 process
-(plain python) and 2 processes (`torchrun`, TP2). Reported: wall seconds (process start to exit, imports
-included), GB/s = HF bytes / seconds, net GB/s = HF bytes / (seconds − the import-only baseline's
-seconds), and peak RSS = GNU `/usr/bin/time -v` "Maximum resident set size" of each converter process
-(the kernel's high-water mark, so short peaks count; with 2 processes the largest rank; mmap'd
-safetensors pages that were touched count as resident). The baseline is the same
-measurement of a process that only imports what the converters import (torch, megatron-core,
-transformers, `megatron_sapo.convert`) and exits; "above base" = peak − baseline. Target: peak RSS
-<= 1.5 × the largest shard file of the HF checkpoint.
+(b) Converters: a random Qwen3 HF model of each `--convert-gb` size (default 1.5 GB) is saved with
+`save_pretrained(max_shard_size=--max-shard)` (default 500MB, so there are several shards), then
+converted with `tools/convert_hf_to_megatron.py` and back with `tools/convert_megatron_to_hf.py`
+(same `--max-shard-size`), each with 1 process (plain python) and 2 (`torchrun`; hf->mcore at TP2).
+Each converter process runs inside this script (`--measure-into`, via `runpy`): it first does the
+converters' imports (torch, megatron-core, transformers, `megatron_sapo.convert`), records VmRSS as
+its baseline, resets the kernel's high-water mark to it (`/proc/self/clear_refs` 5), runs the tool and
+records VmHWM as its peak (short peaks count; touched pages of mmap'd files count as resident).
+Reported for the rank with the largest peak: base, peak ("raw"), peak − base ("above base"), both
+divided by the largest shard file of the HF checkpoint (target: peak <= 1.5 × largest shard), the
+largest tensor, wall seconds (process start to exit, imports included), work seconds (after the
+imports) and GB/s = HF bytes / seconds for both.
 
     python benchmarks/bench_bridge.py                                  # both parts, defaults
     python benchmarks/bench_bridge.py --skip-convert --buckets-mib 512 64
-    python benchmarks/bench_bridge.py --skip-export --convert-gb 0.25 1
+    python benchmarks/bench_bridge.py --skip-export --convert-gb 1.5 --max-shard 500MB
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import json
+import os
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -45,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_sapo.utils.spawn import run_on_ranks
+from megatron_sapo.utils.spawn import free_port, run_on_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -165,8 +168,8 @@ def bench_export(args: argparse.Namespace) -> None:
             )
 
 
-def _save_random_hf(path: Path, size_gb: float, max_shard: str) -> int:
-    """A random Qwen3 of about `size_gb` GB in fp32, saved in shards; returns its parameter bytes."""
+def _save_random_hf(path: Path, size_gb: float, max_shard: str) -> tuple[int, int]:
+    """A random Qwen3 of about `size_gb` GB in fp32, saved in shards; (its bytes, its largest tensor's)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
     from transformers.utils import logging as hf_logging
 
@@ -182,52 +185,78 @@ def _save_random_hf(path: Path, size_gb: float, max_shard: str) -> int:
     )  # fmt: skip
     model = AutoModelForCausalLM.from_config(config).float()
     model.save_pretrained(path, max_shard_size=max_shard)
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    sizes = [p.numel() * p.element_size() for p in model.parameters()]
+    return sum(sizes), max(sizes)
 
 
-def _timed(cmd: list[str], procs: int, log_dir: Path) -> tuple[float, int]:
-    """Run `cmd` (a python script + args) under GNU time, on `procs` ranks; (seconds, max peak RSS bytes)."""
-    for old in log_dir.glob("time.*"):
+def _measure(out_file: str, tool: str, tool_args: list[str]) -> None:
+    """Run `tool` in this process and write {base, peak, seconds, code} to `out_file`.<RANK>.
+
+    base = VmRSS once the converters' imports are done, before any work; the kernel's high-water mark is
+    then reset to it (`/proc/self/clear_refs` 5) and peak = VmHWM when the tool has finished.
+    """
+    import megatron.core  # noqa: F401  (the imports every converter does: part of the baseline)
+    import transformers  # noqa: F401
+
+    import megatron_sapo.convert  # noqa: F401
+
+    base = _status_kb("VmRSS") << 10
+    Path("/proc/self/clear_refs").write_text("5")
+    sys.argv = [tool, *tool_args]
+    code, t0 = 0, time.perf_counter()
+    try:
+        runpy.run_path(tool, run_name="__main__")
+    except SystemExit as done:
+        code = done.code or 0
+    seconds, peak = time.perf_counter() - t0, _status_kb("VmHWM") << 10
+    Path(f"{out_file}.{os.environ.get('RANK', '0')}").write_text(
+        json.dumps(dict(base=base, peak=peak, seconds=seconds, code=code))
+    )
+    sys.exit(code)
+
+
+def _run(cmd: list[str], procs: int, log_dir: Path) -> tuple[float, dict[str, int]]:
+    """Run a converter (script + args) on `procs` ranks through `_measure`: (wall seconds, the rank with
+    the largest peak's {base, peak, seconds})."""
+    for old in log_dir.glob("rss.*"):
         old.unlink()
-    timer = ["/usr/bin/time", "-v", "-o"]
-    if procs == 1:
-        full = [*timer, str(log_dir / "time.0"), sys.executable, *cmd]
-    else:  # one GNU time per rank: torchrun starts the wrapper, which reads its RANK
-        script = f'exec /usr/bin/time -v -o {log_dir}/time.$RANK "$@"'
-        torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={procs}"]
-        full = [*torchrun, "--no-python", "sh", "-c", script, "sh", sys.executable, *cmd]
+    measured = [str(Path(__file__).resolve()), "--measure-into", str(log_dir / "rss"), *cmd]
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={procs}",
+            f"--master-port={free_port()}",
+        ]
     t0 = time.perf_counter()
-    proc = subprocess.run(full, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([*launcher, *measured], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(full)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    peaks = [
-        int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", f.read_text())[1]) << 10
-        for f in log_dir.glob("time.*")
-    ]
-    return seconds, max(peaks)
+        raise RuntimeError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    ranks = [json.loads(f.read_text()) for f in log_dir.glob("rss.*")]
+    return seconds, max(ranks, key=lambda r: r["peak"])
 
 
 TO_MCORE, TO_HF = "tools/convert_hf_to_megatron.py", "tools/convert_megatron_to_hf.py"
-IMPORTS = "import torch, megatron.core, transformers, megatron_sapo.convert, megatron_sapo.bridge"
 
 
 def bench_convert(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_bridge_", dir=args.workdir))
     try:
-        base_s, base = _timed(["-c", IMPORTS], 1, work)
         print(
-            f"== converters: random Qwen3 fp32, save_pretrained max_shard_size={args.max_shard}; "
-            f"peak RSS = /usr/bin/time -v max RSS (largest rank); import-only baseline "
-            f"{base / 2**20:.0f} MiB, {base_s:.1f} s"
+            f"== converters: random Qwen3 fp32, save_pretrained max_shard_size={args.max_shard}, "
+            f"mcore->hf --max-shard-size {args.max_shard}; RSS of the rank with the largest peak: base = "
+            f"VmRSS after imports, peak = VmHWM (reset to base before the work)"
         )
         print(
-            f"{'direction':<9} {'procs':>5} {'GB':>5} {'seconds':>8} {'GB/s':>5} {'net GB/s':>8} {'peak RSS':>9} "
-            f"{'above base':>10} {'largest shard':>13} {'peak/shard':>10} {'above/shard':>11}"
+            f"{'direction':<9} {'procs':>5} {'GB':>5} {'wall s':>6} {'GB/s':>5} {'work s':>6} {'GB/s':>5} {'base RSS':>9} "
+            f"{'peak RSS':>9} {'above base':>10} {'largest shard':>13} {'largest tensor':>14} "
+            f"{'peak/shard':>10} {'above/shard':>11}"
         )
         for size in args.convert_gb:
             hf = work / f"hf_{size}"
-            nbytes = _save_random_hf(hf, size, args.max_shard)
+            nbytes, tensor = _save_random_hf(hf, size, args.max_shard)
             shard = max(f.stat().st_size for f in hf.glob("*.safetensors"))
             for procs in args.procs:
                 mcore, back = work / f"mcore_{size}_{procs}", work / f"back_{size}_{procs}"
@@ -235,19 +264,17 @@ def bench_convert(args: argparse.Namespace) -> None:
                 to_hf = ["--max-shard-size", args.max_shard, "--no-progress"]
                 runs = [
                     ("hf->mcore", [TO_MCORE, "--hf-dir", str(hf), "--output-dir", str(mcore), *layout]),
-                    (
-                        "mcore->hf",
-                        [TO_HF, "--megatron-dir", str(mcore), "--output-dir", str(back), *layout, *to_hf],
-                    ),
+                    ("mcore->hf", [TO_HF, "--megatron-dir", str(mcore), "--output-dir", str(back), *to_hf]),
                 ]
                 for name, cmd in runs:
-                    seconds, peak = _timed(cmd, procs, work)
-                    above = peak - base
+                    seconds, rss = _run(cmd, procs, work)
+                    base, peak = rss["base"], rss["peak"]
                     print(
-                        f"{name:<9} {procs:>5} {nbytes / GB:>5.2f} {seconds:>8.1f} {nbytes / seconds / GB:>5.2f} "
-                        f"{nbytes / max(seconds - base_s, 1e-3) / GB:>8.2f} "
-                        f"{peak / 2**20:>5.0f} MiB {above / 2**20:>6.0f} MiB {shard / 2**20:>9.0f} MiB "
-                        f"{peak / shard:>10.2f} {above / shard:>11.2f}"
+                        f"{name:<9} {procs:>5} {nbytes / GB:>5.2f} {seconds:>6.1f} {nbytes / seconds / GB:>5.2f} "
+                        f"{rss['seconds']:>6.1f} {nbytes / rss['seconds'] / GB:>5.2f} "
+                        f"{base / 2**20:>5.0f} MiB {peak / 2**20:>5.0f} MiB {(peak - base) / 2**20:>6.0f} MiB "
+                        f"{shard / 2**20:>9.0f} MiB {tensor / 2**20:>10.0f} MiB "
+                        f"{peak / shard:>10.2f} {(peak - base) / shard:>11.2f}"
                     )
                 shutil.rmtree(mcore)
                 shutil.rmtree(back)
@@ -257,6 +284,8 @@ def bench_convert(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--measure-into"]:  # internal: one converter process of bench_convert
+        _measure(sys.argv[2], sys.argv[3], sys.argv[4:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", nargs="+", choices=["TP2", "EP2"], default=["TP2", "EP2"])
     p.add_argument("--buckets-mib", type=int, nargs="+", default=[512, 64], help="export bucket sizes")
@@ -266,9 +295,9 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=8192, help="export model: dense MLP width")
     p.add_argument("--experts", type=int, default=8, help="export model (EP2): experts of width I/E")
     p.add_argument("--reps", type=int, default=3, help="timed exports / memcpys (median reported)")
-    p.add_argument("--convert-gb", type=float, nargs="+", default=[0.25, 1.0], help="HF model sizes")
+    p.add_argument("--convert-gb", type=float, nargs="+", default=[1.5], help="HF model sizes")
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="converter process counts")
-    p.add_argument("--max-shard", default="200MB", help="save_pretrained max_shard_size")
+    p.add_argument("--max-shard", default="500MB", help="save_pretrained / converter max shard size")
     p.add_argument("--workdir", default=None, help="scratch dir for checkpoints (default: system tmp)")
     p.add_argument("--skip-export", action="store_true")
     p.add_argument("--skip-convert", action="store_true")

@@ -4,7 +4,8 @@
         --hf-dir /ckpt/Qwen3-0.6B --output-dir /ckpt/Qwen3-0.6B-mcore --tp 2
     python tools/convert_hf_to_megatron.py --hf-dir H --output-dir M          # one rank, no torchrun
 
-Every rank reads only its slices of the safetensors. The output holds the torch_dist checkpoint, the HF
+Every rank reads only its slices of the safetensors, one parameter at a time while the checkpoint is
+written (the model is never materialised). The output holds the torch_dist checkpoint, the HF
 config / tokenizer / generation config and megatron_sapo.json, so tools/convert_megatron_to_hf.py can go
 back. User errors print one line and exit 2. Library: megatron_sapo.convert.
 Tests: `python -m pytest tests/e2e/test_converters.py -q`

@@ -25,8 +25,15 @@ from typing import Any
 import torch
 
 from megatron_sapo.bridge.arch import mapping_table
-from megatron_sapo.bridge.layout import ParallelGroups, group_rank, group_size, local_parameters, model_chunks
-from megatron_sapo.bridge.mapping import Index, Shape, TensorSource
+from megatron_sapo.bridge.layout import (
+    LocalParam,
+    ParallelGroups,
+    group_rank,
+    group_size,
+    local_parameters,
+    model_chunks,
+)
+from megatron_sapo.bridge.mapping import Index, MappingTable, Shape, TensorSource
 from megatron_sapo.bridge.safetensors_io import SafetensorsReader
 
 logger = logging.getLogger(__name__)
@@ -101,6 +108,43 @@ def open_source(source: str | os.PathLike | MappingABC[str, torch.Tensor] | Tens
     return FusedExpertAliases(source)
 
 
+def check_local_slice(lp: LocalParam, table: MappingTable, reader: TensorSource) -> None:
+    """ValueError unless the HF tensors of parameter `lp` exist in `reader` with the expected shapes."""
+    local_shape = tuple(lp.param.shape)
+    if getattr(lp.param, "tensor_model_parallel", False) and lp.param.partition_dim != lp.mapping.split:
+        raise ValueError(
+            f"bridge: {lp.name} is split along dim {lp.param.partition_dim} by megatron but along "
+            f"{lp.mapping.split} by the {table.model_type} table ({lp.mapping.megatron})"
+        )
+    full_shape = lp.mapping.full_shape(local_shape, group_size(lp.tp_group))
+    names = lp.mapping.hf_names(lp.fields, table.dims)
+    for name, expected in zip(names, table.expected_hf_shapes(lp.mapping, full_shape), strict=True):
+        found = reader.shape(name)
+        if found is None:
+            raise ValueError(
+                f"bridge: HF tensor {name!r} (for megatron {lp.name!r}) not found in {reader.describe(name)}"
+            )
+        if tuple(found) != tuple(expected):
+            raise ValueError(
+                f"bridge: HF tensor {name!r} in {reader.describe(name)} has shape {tuple(found)}, but "
+                f"megatron {lp.name!r} (local {local_shape}, full {full_shape}) needs {tuple(expected)}"
+            )
+
+
+def read_local_slice(lp: LocalParam, table: MappingTable, reader: TensorSource) -> torch.Tensor:
+    """This rank's slice of parameter `lp` (its local shape, the source's dtype) read from `reader`.
+
+    Checks first (`check_local_slice`); `lp.param` may be a meta tensor: only its shape is used.
+    """
+    check_local_slice(lp, table, reader)
+    local_shape = tuple(lp.param.shape)
+    tp = (group_rank(lp.tp_group), group_size(lp.tp_group))
+    tensor = lp.mapping.load(reader, lp.mapping.hf_names(lp.fields, table.dims), local_shape, tp, table.dims)
+    if tuple(tensor.shape) != local_shape:  # a primitive bug, not a checkpoint problem
+        raise RuntimeError(f"bridge: {lp.name}: loaded {tuple(tensor.shape)}, parameter is {local_shape}")
+    return tensor
+
+
 @torch.no_grad()
 def load_hf_weights(
     model: Any,
@@ -120,28 +164,5 @@ def load_hf_weights(
     reader = open_source(source)
     params = local_parameters(model_chunks(model), table, groups)
     for lp in params:
-        tp = (group_rank(lp.tp_group), group_size(lp.tp_group))
-        local_shape = tuple(lp.param.shape)
-        if getattr(lp.param, "tensor_model_parallel", False) and lp.param.partition_dim != lp.mapping.split:
-            raise ValueError(
-                f"bridge: {lp.name} is split along dim {lp.param.partition_dim} by megatron but along "
-                f"{lp.mapping.split} by the {table.model_type} table ({lp.mapping.megatron})"
-            )
-        names = lp.mapping.hf_names(lp.fields, table.dims)
-        full_shape = lp.mapping.full_shape(local_shape, tp[1])
-        for name, expected in zip(names, table.expected_hf_shapes(lp.mapping, full_shape), strict=True):
-            found = reader.shape(name)
-            if found is None:
-                raise ValueError(
-                    f"bridge: HF tensor {name!r} (for megatron {lp.name!r}) not found in {reader.describe(name)}"
-                )
-            if tuple(found) != tuple(expected):
-                raise ValueError(
-                    f"bridge: HF tensor {name!r} in {reader.describe(name)} has shape {tuple(found)}, but "
-                    f"megatron {lp.name!r} (local {local_shape}, full {full_shape}) needs {tuple(expected)}"
-                )
-        tensor = lp.mapping.load(reader, names, local_shape, tp, table.dims)
-        if tuple(tensor.shape) != local_shape:  # a primitive bug, not a checkpoint problem
-            raise RuntimeError(f"bridge: {lp.name}: loaded {tuple(tensor.shape)}, parameter is {local_shape}")
-        lp.param.data.copy_(tensor)
+        lp.param.data.copy_(read_local_slice(lp, table, reader))
     logger.info("bridge: loaded %d %s parameters", len(params), table.model_type)

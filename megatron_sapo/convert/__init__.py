@@ -1,24 +1,28 @@
 """Checkpoint conversion Hugging Face <-> Megatron distributed checkpoints (the library behind tools/).
 
-    from megatron_sapo.convert import Layout, check_layout, hf_to_megatron, megatron_to_hf, parallel_session
+    from megatron_sapo.convert import Layout, hf_to_megatron, megatron_to_hf, parallel_session, process_group
 
     with parallel_session(Layout(tp=2)):                  # under torchrun --nproc-per-node 2
         hf_to_megatron("/ckpt/hf", "/ckpt/mcore")
+    with process_group():                                 # any number of ranks, or none
+        megatron_to_hf("/ckpt/mcore", "/ckpt/hf-back")
 
 CLIs: `tools/convert_hf_to_megatron.py`, `tools/convert_megatron_to_hf.py` (`--help`).
 Tests: `python -m pytest tests/e2e/test_converters.py -q`
 """
 
 from megatron_sapo.convert.assets import load_hf_config, read_metadata
-from megatron_sapo.convert.checkpoints import hf_to_megatron, load_megatron_model, megatron_to_hf
+from megatron_sapo.convert.checkpoints import hf_to_megatron, load_megatron_model
 from megatron_sapo.convert.layout import (
     ConversionError,
     Layout,
     check_layout,
     default_layout,
     parallel_session,
+    process_group,
     world_size,
 )
+from megatron_sapo.convert.to_hf import megatron_to_hf
 
 __all__ = [
     "ConversionError",
@@ -30,6 +34,7 @@ __all__ = [
     "load_megatron_model",
     "megatron_to_hf",
     "parallel_session",
+    "process_group",
     "read_metadata",
     "world_size",
 ]

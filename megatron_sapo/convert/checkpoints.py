@@ -1,19 +1,19 @@
-"""Hugging Face <-> Megatron distributed checkpoint conversion at any TP / PP / VPP / EP layout.
+"""Hugging Face -> Megatron distributed checkpoint conversion at any TP / PP / VPP / EP layout.
 
 Call inside `parallel_session(layout)` on every rank of the job (the tools in `tools/` do):
 
     with parallel_session(Layout(tp=2)):
         hf_to_megatron("/ckpt/Qwen3-8B", "/ckpt/Qwen3-8B-mcore")          # each rank reads its slices
-    with parallel_session(Layout(ep=4)):
-        megatron_to_hf("/ckpt/Qwen3-8B-mcore", "/ckpt/Qwen3-8B-back")     # rank 0 writes the shards
+    with parallel_session(Layout(tp=2)):
+        chunks, hf_config, meta = load_megatron_model("/ckpt/Qwen3-8B-mcore")   # any layout
 
-HF -> Megatron: every rank builds its part of the model (`build_gpt_model`), reads only its slices of
-the safetensors (`bridge.load_hf_weights`) and the job writes one torch_dist checkpoint (step 0, model
-only, `megatron.checkpoint.save_checkpoint`) plus the files of `assets.py`. Megatron -> HF: the
-checkpoint is loaded into a model at the current layout (torch_dist reshards on load), the bridge
-streams full HF-named tensors to rank 0 in byte-bounded buckets, and rank 0 writes size-bounded
-safetensors shards + index in the source checkpoint's dtype, with config and tokenizer files, so that
-`transformers.AutoModelForCausalLM.from_pretrained(out_dir)` (and SGLang) load it.
+HF -> Megatron: every rank builds its part of the model on the meta device (`build_gpt_model`, no
+memory), checks that the safetensors hold every tensor it needs with the right shape, and the job
+writes one torch_dist checkpoint (step 0, model only, `megatron.checkpoint.save_checkpoint`) in which
+each parameter's slice is read from the safetensors right before it is written (`lazy_save.py`): a
+rank holds about one parameter at a time. Plus the files of `assets.py`. `load_megatron_model`
+builds a model at the current layout and loads such a checkpoint into it (torch_dist reshards on load).
+Megatron -> HF never builds a model: see `to_hf.py`.
 Tests: `python -m pytest tests/e2e/test_converters.py -q` (SmolLM2: add `-m slow`).
 """
 
@@ -22,21 +22,15 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from tqdm import tqdm
 
-from megatron_sapo.bridge import (
-    DEFAULT_BUCKET_BYTES,
-    export_hf_weights,
-    load_hf_weights,
-    save_safetensors_sharded,
-)
+from megatron_sapo.bridge import ParallelGroups, mapping_table
+from megatron_sapo.bridge.layout import local_parameters
 from megatron_sapo.convert.assets import (
     copy_assets,
     load_hf_config,
@@ -45,6 +39,7 @@ from megatron_sapo.convert.assets import (
     write_metadata,
 )
 from megatron_sapo.convert.layout import ConversionError, Layout
+from megatron_sapo.convert.lazy_save import LazyTorchDistSave, ParamSlices
 from megatron_sapo.megatron.checkpoint import load_checkpoint, save_checkpoint
 from megatron_sapo.megatron.models import (
     SpecName,
@@ -103,12 +98,19 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, spe
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--output-dir {out} exists and is not a directory")
     spec = _resolve_spec(spec)
-    chunks = build_model_chunks(hf_config, dtype=getattr(torch, dtype_name), spec=spec)
+    with torch.device("meta"):  # shapes and sharding only: each tensor is read while it is saved
+        chunks = build_model_chunks(hf_config, dtype=getattr(torch, dtype_name), spec=spec)
+    table = mapping_table(hf_config)
+    slices = ParamSlices(hf_dir, table)
     try:
-        load_hf_weights(chunks, hf_config, hf_dir)
+        params = local_parameters(chunks, table, ParallelGroups.from_parallel_state())
+        for lp in params:  # every missing tensor or bad shape is reported before anything is written
+            slices.check(lp)
     except ValueError as err:
         raise ConversionError(str(err).splitlines()[0]) from None
-    save_checkpoint(out, step=0, model_chunks=chunks)
+    save_checkpoint(
+        out, step=0, model_chunks=chunks, sharded_strategy=LazyTorchDistSave(slices.for_params(params))
+    )
     layout = current_layout()
     if dist.get_rank() == 0:
         copy_assets(hf_dir, out)
@@ -151,50 +153,3 @@ def load_megatron_model(megatron_dir: str | os.PathLike) -> tuple[list[torch.nn.
     chunks = build_model_chunks(build_config, dtype=getattr(torch, meta["dtype"]), spec=spec)
     load_checkpoint(megatron_dir, model_chunks=chunks)
     return chunks, hf_config, meta
-
-
-def megatron_to_hf(
-    megatron_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    max_shard_bytes: int = 2 << 30,
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    progress: bool = True,
-) -> Path:
-    """Convert a `hf_to_megatron` output back to a HF checkpoint dir `out_dir` (written by rank 0).
-
-    `max_shard_bytes`: bound on one safetensors shard; `bucket_bytes`: bound on one transfer bucket to
-    rank 0; `progress`: a tqdm bar on rank 0. Returns `out_dir`.
-    """
-    out = Path(out_dir)
-    problem = [None]
-    if dist.get_rank() == 0 and out.is_dir() and any(out.glob("*.safetensors")):
-        problem[0] = f"--output-dir {out} already holds *.safetensors weights; choose an empty directory"
-    dist.broadcast_object_list(problem, src=0)  # rank 0 writes: its view of the directory decides for all
-    if problem[0]:
-        raise ConversionError(problem[0])
-    chunks, hf_config, meta = load_megatron_model(megatron_dir)
-    dtype = getattr(torch, meta["dtype"])
-    buckets = export_hf_weights(chunks, hf_config, bucket_bytes=bucket_bytes, dst_ranks=(0,))
-    if dist.get_rank() != 0:
-        for _ in buckets:  # collectives: every rank walks the whole export
-            pass
-        dist.barrier()
-        return out
-    bar = tqdm(total=meta["hf_tensors"], unit="tensor", desc="export", disable=not progress)
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for bucket in buckets:
-            for name, tensor in bucket:
-                bar.update()
-                yield name, tensor.to(dtype)
-
-    index = save_safetensors_sharded(tensors(), out, max_shard_bytes=max_shard_bytes)
-    bar.close()
-    copy_assets(megatron_dir, out)
-    written = len(index["weight_map"])
-    if written != meta["hf_tensors"]:
-        logger.warning("exported %d tensors, the source checkpoint had %d", written, meta["hf_tensors"])
-    dist.barrier()
-    logger.info("converted %s -> %s (%d tensors)", megatron_dir, out, written)
-    return out

@@ -8,6 +8,7 @@
 `parallel_session` joins the torchrun group when RANK / WORLD_SIZE are set, reuses an initialised
 group, or else starts a 1-rank group itself (so `python tools/...` works without torchrun). Backend:
 NCCL with one GPU per local rank when CUDA is available, else gloo with the CPU compatibility layer.
+`process_group` is the plain gloo group (no megatron state) of the model-free Megatron -> HF path.
 Tests: `python -m pytest tests/e2e/test_converters.py -q`
 """
 
@@ -112,8 +113,11 @@ def default_layout(hf_config: Any, *, world: int) -> Layout:
     return Layout()
 
 
-def _init_process_group() -> bool:
-    """Initialise torch.distributed if needed; True when this call created the group."""
+def _init_process_group(backend: str | None = None) -> bool:
+    """Initialise torch.distributed if needed; True when this call created the group.
+
+    `backend`: None = NCCL (one GPU per local rank) when CUDA is available, else gloo.
+    """
     if dist.is_initialized():
         return False
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -121,13 +125,24 @@ def _init_process_group() -> bool:
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if torch.cuda.is_available():
+    if backend is None and torch.cuda.is_available():
         # before init: NCCL binds each rank's communicator to the current device
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+        backend = "nccl"
+    dist.init_process_group(backend or "gloo")
     return True
+
+
+@contextlib.contextmanager
+def process_group() -> Iterator[None]:
+    """A gloo torch.distributed group for CPU-only work (`megatron_to_hf`): joins torchrun's ranks,
+    reuses an initialised group, and creates none for a plain single process."""
+    created = world_size() > 1 and _init_process_group("gloo")
+    try:
+        yield
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager

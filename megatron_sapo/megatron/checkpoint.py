@@ -213,6 +213,7 @@ def save_checkpoint(
     scheduler: Any = None,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    sharded_strategy: Any = None,
 ) -> Path:
     """Save everything needed to resume after `step` into `root/iter_<step>`; call on every rank.
 
@@ -220,7 +221,8 @@ def save_checkpoint(
     a megatron optimizer from `get_megatron_optimizer`; `scheduler` an `OptimizerParamScheduler`;
     `extra` a picklable dict (data position, metrics), taken from rank 0 — it must be the same on
     every rank. `keep_last` deletes all but the newest `keep_last` complete checkpoints afterwards.
-    Returns the checkpoint directory.
+    `sharded_strategy`: the torch_dist save strategy, default `InProcessTorchDistSave()` (the converter
+    passes a lazy one for meta models). Returns the checkpoint directory.
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -249,7 +251,7 @@ def save_checkpoint(
     dist_checkpointing.save(
         state,
         str(tmp),
-        sharded_strategy=InProcessTorchDistSave(),
+        sharded_strategy=sharded_strategy or InProcessTorchDistSave(),
         preprocess_common_before_consistancy_check=without_empty_param_state,
     )
     dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible

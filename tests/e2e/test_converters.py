@@ -1,12 +1,14 @@
-"""The checkpoint converter CLIs end to end: HF -> Megatron (torchrun, 2 ranks) -> HF (one rank), bit-exact.
+"""The checkpoint converter CLIs end to end: HF -> Megatron (torchrun, 2 ranks) -> HF (1-3 ranks), bit-exact.
 
 A tiny random Qwen3-MoE (every tensor randomised, tests/hf_reference.py) and a dense Qwen3 with vocab 129
 (padded to 130 at TP=2) are saved with `save_pretrained`, next to a BPE tokenizer trained here with the
 `tokenizers` library. `torchrun --nproc-per-node 2 tools/convert_hf_to_megatron.py` (EP=2 / TP=2), then
 `python tools/convert_megatron_to_hf.py` (1 rank, small shards). Checked against the originals: same key
 set, every tensor bit-exact (dtype included), transformers' logits from the converted dir equal the
-original model's, the tokenizer encodes identically, chat template kept. Error paths exit 2 with one
-`error:` line naming the field and no traceback.
+original model's, the tokenizer encodes identically, chat template kept. The streaming Megatron -> HF
+path writes byte-identical files at 1, 2 and 3 ranks, and never holds more than one full tensor (+ its
+HF views) even when one shard is the whole model. Error paths exit 2 with one `error:` line naming the
+field and no traceback.
 
     python -m pytest tests/e2e/test_converters.py -q
 """
@@ -17,6 +19,7 @@ import json
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -81,10 +84,31 @@ def originals(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture(scope="module")
+def converted(originals: dict[str, Path], tmp_path_factory) -> dict[str, Path]:
+    """Each original converted to megatron by the CLI on 2 ranks at its layout."""
+    out = {}
+    for name, (_, layout) in MODELS.items():
+        out[name] = tmp_path_factory.mktemp(f"{name}-mcore")
+        _ok(
+            run(
+                TO_MEGATRON,
+                "--hf-dir",
+                str(originals[name]),
+                "--output-dir",
+                str(out[name]),
+                *layout,
+                nproc=2,
+            )
+        )
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_round_trip_bit_exact_and_loadable(name: str, originals: dict[str, Path], tmp_path: Path) -> None:
-    hf_dir, mcore, back = originals[name], tmp_path / "mcore", tmp_path / "hf"
-    _ok(run(TO_MEGATRON, "--hf-dir", str(hf_dir), "--output-dir", str(mcore), *MODELS[name][1], nproc=2))
+def test_round_trip_bit_exact_and_loadable(
+    name: str, originals: dict[str, Path], converted: dict[str, Path], tmp_path: Path
+) -> None:
+    hf_dir, mcore, back = originals[name], converted[name], tmp_path / "hf"
     meta = json.loads((mcore / "megatron_sapo.json").read_text())
     assert (
         meta["world_size"] == 2
@@ -110,6 +134,65 @@ def test_round_trip_bit_exact_and_loadable(name: str, originals: dict[str, Path]
     assert tok_back(TEXTS)["input_ids"] == tok(TEXTS)["input_ids"]
     chat = [{"role": "user", "content": "the dog"}]
     assert tok_back.apply_chat_template(chat, tokenize=False) == tok.apply_chat_template(chat, tokenize=False)
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_to_hf_same_files_at_any_world_size(nproc: int, converted: dict[str, Path], tmp_path: Path) -> None:
+    """N ranks split the shards among them; the files are byte-identical to one process's."""
+    from megatron_sapo.convert import megatron_to_hf
+
+    mcore, one, many = converted["qwen3moe-ep2"], tmp_path / "one", tmp_path / "many"
+    megatron_to_hf(mcore, one, max_shard_bytes=40_000, progress=False)  # in this process, no group
+    _ok(
+        run(
+            TO_HF,
+            "--megatron-dir",
+            str(mcore),
+            "--output-dir",
+            str(many),
+            "--max-shard-size",
+            "40KB",
+            nproc=nproc,
+        )
+    )
+    assert len(list(one.glob("*.safetensors"))) > nproc
+    assert _files(many) == _files(one)
+
+
+def test_to_hf_streams_one_tensor_at_a_time(
+    converted: dict[str, Path], originals: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """Tensors alive in the converter (storages read from the checkpoint or given to the shard writer)
+    never exceed one full megatron tensor and its HF tensors, although the shard holds the whole model."""
+    from megatron_sapo.convert import to_hf
+
+    alive: dict[int, int] = {}
+    peak = [0]
+
+    def track(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if id(storage) not in alive:
+            alive[id(storage)] = storage.nbytes()
+            weakref.finalize(storage, alive.pop, id(storage))
+        peak[0] = max(peak[0], sum(alive.values()))
+        return tensor
+
+    read, write = to_hf.DistCheckpointReader.read, to_hf.ShardWriter.write
+    monkeypatch.setattr(to_hf.DistCheckpointReader, "read", lambda self, *a: track(read(self, *a)))
+    monkeypatch.setattr(to_hf.ShardWriter, "write", lambda self, name, t: write(self, name, track(t)))
+    out = tmp_path / "hf"
+    to_hf.megatron_to_hf(converted["qwen3moe-ep2"], out, max_shard_bytes=1 << 30, progress=False)
+
+    original = load_checkpoint(originals["qwen3moe-ep2"])
+    assert list(out.glob("*.safetensors")) == [out / "model.safetensors"]  # one shard: the whole model
+    largest, total = max(t.nbytes for t in original.values()), sum(t.nbytes for t in original.values())
+    assert 0 < peak[0] <= 2 * largest and 8 * peak[0] < total, (peak[0], largest, total)
+    converted_back = load_checkpoint(out)
+    assert all(torch.equal(converted_back[k], t) for k, t in original.items())
 
 
 def _unknown_arch(original: Path, tmp: Path) -> list[str]:
