@@ -37,7 +37,7 @@ install-sglang: $(VENV)/.stamp-sglang  ## + the lean SGLang rollout engine
 demo: $(VENV)/.stamp-base  ## run the main job on the embedded CPU default
 	$(PY) examples/toy_sapo.py
 
-test: $(VENV)/.stamp-dev  ## install what tests need, then run the whole suite
+test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLang included), then run the whole suite
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.stamp-dev  ## unit tier only

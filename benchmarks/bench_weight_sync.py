@@ -1,0 +1,118 @@
+"""Weight-sync throughput into a real SGLang server: seconds per GB per transport, vs `from_disk`.
+
+    python benchmarks/bench_weight_sync.py                       # ~0.7 GB fp32 Qwen3, TP=1 trainer, CPU
+    python benchmarks/bench_weight_sync.py --tp 2 --hidden 768   # smaller model, TP=2 trainer
+
+A random dense Qwen3 is written as an HF checkpoint, served by one SGLang server (CPU flags here, GPU
+flags when CUDA is present) and loaded into a megatron policy (gloo ranks on CPU). Each transport syncs
+`--repeats` times (versions bumped, the engine's weight version checked after each); the median is
+reported, with the ratio to `from_disk` measured in the same run. The mismatch guard runs once per
+transport so a fast-but-wrong sync cannot pass. Results and commands: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, Qwen3Config
+
+from megatron_sapo.rollout.server import ServerConfig, SGLangServer
+from megatron_sapo.tiny import save_tiny_model, train_tokenizer
+from megatron_sapo.utils.spawn import run_on_ranks
+
+TRANSPORTS = ("disk", "tensor", "distributed")
+
+
+def _bench(rank, world, url, model_dir, disk_dir, tp, repeats, bucket_mib):
+    from megatron_sapo.bridge.load import load_hf_weights
+    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.models import build_gpt_model
+    from megatron_sapo.megatron.testing import init_megatron_cpu
+    from megatron_sapo.rollout.client import SGLangEngine
+    from megatron_sapo.rollout.guard import check_weight_sync
+    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    init_megatron_cpu(tp=tp)
+    config = AutoConfig.from_pretrained(model_dir)
+    policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), TrainConfig())
+    load_hf_weights(policy.model, config, model_dir)
+    engine = SGLangEngine([url], model_path=model_dir) if rank == 0 else None
+    out = {}
+    for transport in TRANSPORTS:
+        cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=bucket_mib << 20)
+        sync = WeightSync(engine, policy.model, config, cfg)
+        runs = []
+        for i in range(repeats):
+            torch.distributed.barrier()
+            runs.append(sync.sync(version=f"{transport}-{i}"))
+        guard = check_weight_sync(engine, policy, [[5, 6, 7], [8, 9]], version=f"{transport}-{repeats - 1}")
+        if rank == 0:
+            seconds = statistics.median(r["sync/seconds"] for r in runs)
+            out[transport] = {
+                "seconds": seconds,
+                "gb": runs[0]["sync/bytes"] / 1e9,
+                "s_per_gb": seconds / (runs[0]["sync/bytes"] / 1e9),
+                "logprob_diff_max": guard["sync/logprob_diff_max"],
+            }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bucket-mib", type=int, default=512)
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_sync-"))
+    config = Qwen3Config(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        head_dim=64,
+        intermediate_size=3 * args.hidden,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+    )
+    model_dir = save_tiny_model(work / "hf", config, train_tokenizer(vocab_size=300), seed=0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    server = SGLangServer(ServerConfig(model_path=str(model_dir), device=device, log_dir=str(work)))
+    t0 = time.perf_counter()
+    server.start()
+    start_s = time.perf_counter() - t0
+    try:
+        res = run_on_ranks(
+            _bench,
+            world_size=args.tp,
+            args=(server.url, str(model_dir), str(work / "disk"), args.tp, args.repeats, args.bucket_mib),
+            timeout=1800,
+        )[0]
+    finally:
+        server.stop()
+    disk = res["disk"]["s_per_gb"]
+    print(
+        f"model {res['disk']['gb']:.2f} GB fp32, trainer TP={args.tp}, {device}, server start {start_s:.0f} s"
+    )
+    print(f"{'transport':<12} {'s/GB':>8} {'GB/s':>8} {'vs disk':>8} {'max|dlogp|':>11}")
+    for name in TRANSPORTS:
+        r = res[name]
+        print(
+            f"{name:<12} {r['s_per_gb']:8.2f} {1 / r['s_per_gb']:8.2f} {disk / r['s_per_gb']:7.2f}x "
+            f"{r['logprob_diff_max']:11.2e}"
+        )
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

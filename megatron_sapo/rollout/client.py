@@ -1,0 +1,251 @@
+"""The SGLang rollout engine: one client over one or more SGLang servers (round-robin).
+
+    engine = SGLangEngine([SGLangServer(cfg)])          # or SGLangEngine(["http://node3:30000", ...])
+    gens = engine.generate(["1 + 2 ="], SamplingParams(max_new_tokens=8), n=4)
+    gens[0].token_ids, gens[0].logprobs, gens[0].finish_reason, gens[0].weight_version
+
+Requests carry token ids (strings are tokenized here, with the served model's tokenizer) in chunks of
+`request_batch` samples; at most `max_concurrency` chunks are in flight (back-pressure), each to the next
+server in turn. A chunk that fails because its server died is retried after the server is restarted
+(servers this client launched) and the `on_restart` hooks ran — weight sync registers one that pushes the
+current weights again, so a restarted server never serves stale weights. Token ids are validated against
+the vocabulary before sending: SGLang's scheduler dies on an out-of-range id.
+
+Weight updates (called by `rollout/weight_sync.py`, which owns the trainer side) live in
+`rollout/sglang_updates.py`. Tests: tests/rollout/test_sglang_engine.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+from megatron_sapo.rollout.server import SGLangServer
+from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+RESTARTABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class Endpoint:
+    """One server URL and, when this process launched it, the server to restart."""
+
+    def __init__(self, target: SGLangServer | str) -> None:
+        self.server = target if isinstance(target, SGLangServer) else None
+        self.url = target.url if isinstance(target, SGLangServer) else target.rstrip("/")
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.url})"
+
+
+class SGLangEngine:
+    """`RolloutEngine` over SGLang HTTP servers."""
+
+    def __init__(
+        self,
+        targets: Sequence[SGLangServer | str],
+        *,
+        model_path: str | None = None,
+        max_concurrency: int = 8,
+        request_batch: int = 16,
+        request_timeout: float = 900.0,
+        max_retries: int = 2,
+    ) -> None:
+        if not targets:
+            raise ValueError("SGLangEngine needs at least one server or URL")
+        self.endpoints = [Endpoint(t) for t in targets]
+        self.model_path = model_path or self._served_model_path()
+        self.max_concurrency = max_concurrency
+        self.request_batch = request_batch
+        self.request_timeout = request_timeout
+        self.max_retries = max_retries
+        self.on_restart: list[Callable[[Endpoint], None]] = []
+        self.vocab_size = _vocab_size(self.model_path)
+        self._tokenizer: Any = None
+        self._next = 0
+        self._next_lock = threading.Lock()
+
+    # ---- plumbing -------------------------------------------------------------------------------
+    def _served_model_path(self) -> str:
+        server = self.endpoints[0].server
+        if server is not None:
+            return server.model_path
+        return self.request(self.endpoints[0], "GET", "/model_info")["model_path"]
+
+    @property
+    def weight_version(self) -> str:
+        return str(self.request(self.endpoints[0], "GET", "/model_info")["weight_version"])
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        return self._tokenizer
+
+    def request(
+        self, endpoint: Endpoint, method: str, path: str, payload: dict | None = None, *, retry: bool = True
+    ) -> Any:
+        """One HTTP call; a dead launched server is restarted (hooks run) and the call retried."""
+        attempts = self.max_retries + 1 if retry else 1
+        for attempt in range(attempts):
+            try:
+                response = requests.request(
+                    method, endpoint.url + path, json=payload, timeout=self.request_timeout
+                )
+            except RESTARTABLE as exc:
+                if attempt + 1 == attempts or not self.recover(endpoint):
+                    raise RolloutError(f"SGLang {endpoint.url}{path}: {exc}") from exc
+                continue
+            if response.status_code >= 500 and attempt + 1 < attempts and self.recover(endpoint):
+                continue
+            if response.status_code != 200:
+                raise RolloutError(
+                    f"SGLang {endpoint.url}{path} answered {response.status_code}: {response.text[:500]}"
+                )
+            return response.json() if response.content else None
+        raise AssertionError("unreachable")
+
+    def recover(self, endpoint: Endpoint) -> bool:
+        """Restart a launched server that is down; True when it is (again) healthy."""
+        if endpoint.server is None:
+            return False
+        with endpoint.lock:
+            if endpoint.server.healthy(timeout=5.0):
+                return True  # another thread restarted it already
+            endpoint.server.restart()
+            for hook in self.on_restart:
+                hook(endpoint)
+        return True
+
+    def _pick(self) -> Endpoint:
+        with self._next_lock:
+            endpoint = self.endpoints[self._next % len(self.endpoints)]
+            self._next += 1
+        return endpoint
+
+    # ---- generation -----------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Token ids per prompt; strings through the tokenizer, id lists validated."""
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise RolloutError(f"prompt {i} is empty")
+            bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise RolloutError(
+                    f"prompt {i}: token ids {bad[:5]} are not in [0, {self.vocab_size}) (vocab of {self.model_path})"
+                )
+            out.append([int(t) for t in ids])
+        return out
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams,
+        *,
+        n: int = 1,
+        return_routed_experts: bool = False,
+    ) -> list[Generation]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        ids = self.encode(prompts)
+        items = [(p, s) for p in range(len(ids)) for s in range(n)]
+        chunks = [items[i : i + self.request_batch] for i in range(0, len(items), self.request_batch)]
+
+        def run(chunk: list[tuple[int, int]]) -> list[Generation]:
+            return self._generate_chunk(chunk, ids, sampling, return_routed_experts)
+
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks))) as pool:
+            results = list(pool.map(run, chunks))
+        return [g for chunk in results for g in chunk]
+
+    def _generate_chunk(
+        self,
+        chunk: list[tuple[int, int]],
+        ids: list[list[int]],
+        sampling: SamplingParams,
+        return_routed_experts: bool,
+    ) -> list[Generation]:
+        params = []
+        for p, s in chunk:
+            sp = sampling.to_sglang()
+            if sampling.seed is not None:  # distinct samples of one prompt need distinct seeds
+                sp["sampling_seed"] = sampling.seed + p * 1_000_003 + s
+            params.append(sp)
+        payload = {
+            "input_ids": [ids[p] for p, _ in chunk],
+            "sampling_params": params,
+            "return_logprob": True,
+            "return_routed_experts": return_routed_experts,
+        }
+        outputs = self.request(self._pick(), "POST", "/generate", payload)
+        if len(outputs) != len(chunk):
+            raise RolloutError(f"SGLang returned {len(outputs)} outputs for {len(chunk)} inputs")
+        return [
+            _generation(out, p, s, ids[p], return_routed_experts)
+            for (p, s), out in zip(chunk, outputs, strict=True)
+        ]
+
+    def flush_cache(self) -> None:
+        for endpoint in self.endpoints:
+            self.request(endpoint, "POST", "/flush_cache")
+
+    def shutdown(self) -> None:
+        for endpoint in self.endpoints:
+            if endpoint.server is not None:
+                endpoint.server.stop()
+
+
+def _generation(
+    out: dict, prompt_index: int, sample_index: int, prompt_ids: list[int], want_routing: bool
+) -> Generation:
+    meta = out["meta_info"]
+    entries = meta.get("output_token_logprobs") or []
+    token_ids = [int(e[1]) for e in entries]
+    if "output_ids" in out and list(out["output_ids"]) != token_ids:
+        raise RolloutError("SGLang output_ids and output_token_logprobs disagree")
+    reason = meta.get("finish_reason") or {}
+    routing = None
+    if want_routing:
+        if "routed_experts" not in meta:
+            raise RolloutError(
+                "return_routed_experts asked for, but the server sent no routing "
+                "(launch it with --enable-return-routed-experts)"
+            )
+        routing = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
+    return Generation(
+        prompt_index=prompt_index,
+        sample_index=sample_index,
+        prompt_ids=prompt_ids,
+        token_ids=token_ids,
+        logprobs=[float(e[0]) for e in entries],
+        finish_reason=reason.get("type", "stop") if isinstance(reason, dict) else str(reason),
+        weight_version=str(meta.get("weight_version")),
+        text=out.get("text"),
+        routed_experts=routing,
+    )
+
+
+def _vocab_size(model_path: str) -> int:
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        raise RolloutError(f"no config.json in {model_path}: the client needs the served model's files")
+    data = json.loads(config.read_text())
+    size = data.get("vocab_size") or data.get("text_config", {}).get("vocab_size")
+    if not size:
+        raise RolloutError(f"{config} has no vocab_size")
+    return int(size)

@@ -1,0 +1,294 @@
+"""The engine side of a weight update on SGLang servers: one method per transport, all validated first.
+
+    up = SGLangWeightUpdater(engine)
+    up.begin()                                           # /begin_weight_update on every server
+    up.load_tensors(bucket, last=False, version="7")      # colocated: shared memory / CUDA IPC handles
+    pg = up.init_group("10.0.0.1", port, backend="gloo")  # once; trainer rank 0 is rank 0 of `pg`
+    up.broadcast(bucket, pg, last=True, version="7")      # names/shapes over HTTP, bytes over `pg`
+    up.end()
+    up.load_disk("/ckpt/hf-step7", version="7")           # fallback: the servers read the files
+
+Every bucket is checked against the served checkpoint's names, shapes and dtypes before anything is sent
+(SGLang accepts unknown names silently — e.g. transformers-5 fused expert names — and a malformed
+payload can kill its scheduler). A bucket travels as SGLang's "flattened_bucket": one byte buffer plus
+(name, dtype, shape, offsets) per tensor, so one shared-memory segment / one broadcast per bucket.
+Trainer-side orchestration (export, buckets, versions) is `rollout/weight_sync.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import timedelta
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+from safetensors import safe_open
+
+from megatron_sapo.rollout.client import Endpoint, SGLangEngine
+from megatron_sapo.rollout.types import RolloutError
+
+log = logging.getLogger(__name__)
+
+Bucket = Sequence[tuple[str, torch.Tensor]]
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class WeightManifest:
+    """name -> (shape, dtype) of the checkpoint a server loaded, read from safetensors headers only."""
+
+    def __init__(self, entries: dict[str, tuple[tuple[int, ...], torch.dtype | None]], where: str) -> None:
+        self.entries, self.where = entries, where
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> WeightManifest:
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        files = (
+            sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+            if index.exists()
+            else sorted(path.glob("*.safetensors"))
+        )
+        if not files:
+            raise RolloutError(f"no safetensors files in {path}")
+        entries = {}
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                names = handle.keys()  # safe_open handles are not iterable
+                for name in names:
+                    s = handle.get_slice(name)
+                    entries[name] = (tuple(s.get_shape()), _DTYPES.get(s.get_dtype()))
+        return cls(entries, str(path))
+
+    def check(self, bucket: Bucket) -> None:
+        problems = []
+        for name, tensor in bucket:
+            if name not in self.entries:
+                problems.append(f"{name}: not a tensor of the served checkpoint")
+            elif tuple(tensor.shape) != self.entries[name][0]:
+                problems.append(f"{name}: shape {tuple(tensor.shape)}, server has {self.entries[name][0]}")
+            elif not tensor.is_floating_point():
+                problems.append(f"{name}: dtype {tensor.dtype} is not floating point")
+        if problems:
+            raise RolloutError(
+                f"weight update rejected before sending ({len(problems)} problems vs {self.where}): "
+                + "; ".join(problems[:5])
+            )
+
+
+def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]:
+    """One uint8 buffer holding every tensor's bytes back to back, in SGLang's flattened_bucket layout.
+
+    Wider dtypes first, so every tensor starts at a multiple of its item size (SGLang checks it).
+    """
+    ordered = sorted(bucket, key=lambda nt: -nt[1].element_size())
+    total = sum(t.numel() * t.element_size() for _, t in ordered)
+    flat = torch.empty(total, dtype=torch.uint8, device=ordered[0][1].device if ordered else "cpu")
+    metadata, offset = [], 0
+    for name, tensor in ordered:
+        size = tensor.numel() * tensor.element_size()
+        flat[offset : offset + size].copy_(tensor.detach().contiguous().view(-1).view(torch.uint8))
+        metadata.append(
+            SimpleNamespace(
+                name=name,
+                shape=torch.Size(tensor.shape),
+                dtype=tensor.dtype,
+                start_idx=offset,
+                end_idx=offset + size,
+                numel=size,
+            )
+        )
+        offset += size
+    return flat, metadata
+
+
+def _serialize(obj: Any) -> str:
+    # CPU storages travel as shared-memory files: the default fd-passing strategy needs a live socket
+    # between the two processes, which HTTP does not give (the scheduler dies unpickling it).
+    torch_mp.set_sharing_strategy("file_system")
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class SGLangWeightUpdater:
+    """Weight-update calls to every server of an `SGLangEngine` (run on the trainer's rank 0 only)."""
+
+    def __init__(self, engine: SGLangEngine, *, group_name: str = "megatron_sapo_weights") -> None:
+        """`group_name`: prefix of the weight-update process groups (a fresh suffix per `init_group`)."""
+        self.engine = engine
+        self.group_prefix = group_name
+        self.group_name = group_name
+        self._groups_made = 0
+        self.manifest = WeightManifest.from_hf_dir(engine.model_path)
+        self.tp_sizes = [self._tp_size(e) for e in engine.endpoints]
+
+    def _tp_size(self, endpoint: Endpoint) -> int:
+        if endpoint.server is not None:
+            return endpoint.server.config.tp_size
+        return int(self.engine.request(endpoint, "GET", "/server_info").get("tp_size", 1))
+
+    def _post_all(self, path: str, payload: dict | None = None) -> None:
+        for endpoint in self.engine.endpoints:
+            out = self.engine.request(endpoint, "POST", path, payload or {}, retry=False)
+            if isinstance(out, dict) and out.get("success") is False:
+                raise RolloutError(f"SGLang {endpoint.url}{path} failed: {out.get('message')}")
+
+    def begin(self) -> None:
+        self._post_all("/begin_weight_update")
+
+    def end(self) -> None:
+        self._post_all("/end_weight_update")
+
+    def load_tensors(self, bucket: Bucket, *, last: bool, version: str) -> None:
+        """Colocated transport: the servers map the bucket's memory (CPU shared memory / CUDA IPC)."""
+        self.manifest.check(bucket)
+        if not bucket:
+            return
+        flat, metadata = flatten_bucket(bucket)
+        payload_one = _serialize({"flattened_tensor": flat, "metadata": metadata})
+        for endpoint, tp in zip(self.engine.endpoints, self.tp_sizes, strict=True):
+            self.engine.request(
+                endpoint,
+                "POST",
+                "/update_weights_from_tensor",
+                {
+                    "serialized_named_tensors": [payload_one] * tp,
+                    "load_format": "flattened_bucket",
+                    "flush_cache": last,
+                    **({"weight_version": version} if last else {}),
+                },
+                retry=False,
+            )
+        del flat  # the servers copied it into their parameters; the shared segment goes with it
+
+    def init_group(self, master_address: str, master_port: int, *, backend: str) -> dist.ProcessGroup:
+        """A process group of trainer rank 0 (rank 0) and every server's TP ranks (1..)."""
+        # torch refuses a second group of the same name in one process (e.g. after a server restart).
+        self._groups_made += 1
+        self.group_name = f"{self.group_prefix}-{self._groups_made}"
+        world = 1 + sum(self.tp_sizes)
+        offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.tp_sizes))]
+        errors: list[Exception] = []
+
+        def ask(endpoint: Endpoint, offset: int) -> None:
+            try:
+                self.engine.request(
+                    endpoint,
+                    "POST",
+                    "/init_weights_update_group",
+                    {
+                        "master_address": master_address,
+                        "master_port": master_port,
+                        "rank_offset": offset,
+                        "world_size": world,
+                        "group_name": self.group_name,
+                        "backend": backend,
+                    },
+                    retry=False,
+                )
+            except Exception as exc:  # surfaced below, after our side of the rendezvous
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=ask, args=(e, o), daemon=True)
+            for e, o in zip(self.engine.endpoints, offsets, strict=True)
+        ]
+        for t in threads:
+            t.start()
+        group = new_external_group(
+            master_address, master_port, world_size=world, backend=backend, group_name=self.group_name
+        )
+        for t in threads:
+            t.join()
+        if errors:
+            raise RolloutError(f"init_weights_update_group failed: {errors[0]}")
+        return group
+
+    def broadcast(self, bucket: Bucket, group: dist.ProcessGroup, *, last: bool, version: str) -> None:
+        """Distributed transport: names/shapes over HTTP while the bytes go over `group` (one broadcast)."""
+        self.manifest.check(bucket)
+        if not bucket:
+            return
+        flat, metadata = flatten_bucket(bucket)
+        payload = {
+            "names": [m.name for m in metadata],
+            "dtypes": [str(m.dtype).removeprefix("torch.") for m in metadata],
+            "shapes": [list(m.shape) for m in metadata],
+            "group_name": self.group_name,
+            "load_format": "flattened_bucket",
+            "flush_cache": last,
+            **({"weight_version": version} if last else {}),
+        }
+        errors: list[Exception] = []
+
+        def post(endpoint: Endpoint) -> None:
+            try:
+                self.engine.request(
+                    endpoint, "POST", "/update_weights_from_distributed", payload, retry=False
+                )
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=post, args=(e,), daemon=True) for e in self.engine.endpoints]
+        for t in threads:
+            t.start()
+        dist.broadcast(flat, src=0, group=group)
+        for t in threads:
+            t.join()
+        if errors:
+            raise RolloutError(f"update_weights_from_distributed failed: {errors[0]}")
+
+    def destroy_group(self) -> None:
+        self._post_all("/destroy_weights_update_group", {"group_name": self.group_name})
+
+    def load_disk(self, model_dir: str | Path, *, version: str) -> None:
+        """Disk transport: every server reloads from `model_dir`; a restarted server starts from it too."""
+        WeightManifest.from_hf_dir(model_dir)  # readable safetensors before asking the servers
+        for endpoint in self.engine.endpoints:
+            self.engine.request(
+                endpoint,
+                "POST",
+                "/update_weights_from_disk",
+                {"model_path": str(model_dir), "weight_version": version, "flush_cache": True},
+                retry=False,
+            )
+            if endpoint.server is not None:
+                endpoint.server.model_path, endpoint.server.weight_version = str(model_dir), version
+
+
+def new_external_group(
+    master_address: str,
+    master_port: int,
+    *,
+    world_size: int,
+    backend: str,
+    group_name: str,
+    rank: int = 0,
+    timeout: timedelta = timedelta(minutes=10),
+) -> dist.ProcessGroup:
+    """A process group outside this process's default world (the trainer's own ranks are not in it).
+
+    torch's public `new_group` only subgroups the default world, so this builds one from a TCP store the
+    way torch itself does for the default group; SGLang's servers join the same store from their side.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout)
+    # SGLang prefixes its side of the store with the group name (sglang init_custom_process_group).
+    store = dist.PrefixStore(group_name, store)
+    # The group name prefixes the rendezvous keys, so both sides must use the same one.
+    group, _ = c10d._new_process_group_helper(
+        world_size, rank, [], c10d.Backend(backend), store, group_name=group_name, timeout=timeout
+    )
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group

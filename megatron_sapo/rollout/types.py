@@ -1,0 +1,116 @@
+"""What every rollout engine takes and returns: sampling settings in, one `Generation` per sample out.
+
+The SGLang HTTP client (`rollout/client.py`) and the in-process transformers engine
+(`rollout/hf_engine.py`) both implement `RolloutEngine`, so the trainer, the weight-sync guard and the
+tests do not care which one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+Prompt = str | Sequence[int]
+
+
+class RolloutError(RuntimeError):
+    """A rollout engine refused a request or failed; the message names the engine and the cause."""
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings (names follow SGLang's `sampling_params`)."""
+
+    max_new_tokens: int = 128
+    """Upper bound on generated tokens per sample; hitting it gives finish_reason "length"."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy. Log-probs are of log_softmax(logits / temperature) (raw
+    logits when greedy), as SGLang reports them and as the trainer recomputes them."""
+    top_p: float = 1.0
+    """Nucleus sampling mass; 1.0 disables it (RL needs the full distribution to match the trainer)."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 disables it."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (not included in the response)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra token ids that end a sample (the tokenizer's EOS always does)."""
+    seed: int | None = None
+    """Sampling seed (each sample gets its own, derived from it). The in-process engine always honours it;
+    SGLang 0.5.23 only when the server runs with --enable-deterministic-inference, else it is ignored."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+
+    def to_sglang(self) -> dict:
+        """The dict SGLang's /generate expects in `sampling_params`."""
+        out = asdict(self)
+        if out.pop("seed") is not None:
+            out["sampling_seed"] = self.seed
+        if not out["stop"]:
+            out.pop("stop")
+        if not out["stop_token_ids"]:
+            out.pop("stop_token_ids")
+        return out
+
+
+@dataclass
+class Generation:
+    """One sampled response. Lists are per generated token, in order."""
+
+    prompt_index: int
+    """Index of the prompt in the request's prompt list."""
+    sample_index: int
+    """0..n-1 among the n samples drawn for that prompt."""
+    prompt_ids: list[int]
+    """Prompt token ids as the engine tokenized them."""
+    token_ids: list[int]
+    """Response token ids, [R]."""
+    logprobs: list[float]
+    """Engine log-prob of each response token, log_softmax(logits / temperature), [R]."""
+    finish_reason: str
+    """"stop" (EOS / stop string / stop token), "length" (max_new_tokens) or "abort"."""
+    weight_version: str
+    """The engine's weight version when the sample finished (see weight sync)."""
+    text: str | None = None
+    """Detokenized response, when the engine provides it."""
+    routed_experts: np.ndarray | None = None
+    """MoE routing captured by the engine, [prompt+response-1, layers, top_k], when asked for and offered."""
+
+
+class RolloutEngine(Protocol):
+    """The interface the trainer and the weight-sync code use."""
+
+    @property
+    def weight_version(self) -> str: ...
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams,
+        *,
+        n: int = 1,
+        return_routed_experts: bool = False,
+    ) -> list[Generation]:
+        """n samples per prompt, ordered by (prompt_index, sample_index)."""
+        ...
+
+    def update_weights_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, version: str
+    ) -> None:
+        """Load full tensors under Hugging Face checkpoint names (per-expert names for MoE)."""
+        ...
+
+    def update_weights_from_disk(self, model_dir: str, *, version: str) -> None:
+        """Reload all weights from a Hugging Face directory (safetensors + config)."""
+        ...
+
+    def shutdown(self) -> None: ...
