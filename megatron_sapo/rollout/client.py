@@ -71,7 +71,7 @@ class SGLangEngine:
         self.request_timeout = request_timeout
         self.max_retries = max_retries
         self.on_restart: list[Callable[[Endpoint], None]] = []
-        self.vocab_size = _vocab_size(self.model_path)
+        self.vocab_size, self.top_k = _model_sizes(self.model_path)
         self._tokenizer: Any = None
         self._next = 0
         self._next_lock = threading.Lock()
@@ -196,9 +196,29 @@ class SGLangEngine:
         if len(outputs) != len(chunk):
             raise RolloutError(f"SGLang returned {len(outputs)} outputs for {len(chunk)} inputs")
         return [
-            _generation(out, p, s, ids[p], return_routed_experts)
+            _generation(out, p, s, ids[p], return_routed_experts, self.top_k)
             for (p, s), out in zip(chunk, outputs, strict=True)
         ]
+
+    def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Free the servers' GPU memory (colocated runs, before training); GPU servers only.
+
+        SGLang 0.5.23 crashes a CPU server on this call (it synchronizes CUDA), so it is refused here.
+        """
+        self._require_gpu("release_memory")
+        for endpoint in self.endpoints:
+            self.request(endpoint, "POST", "/release_memory_occupation", {"tags": list(tags)}, retry=False)
+
+    def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
+        """Re-allocate what `release_memory` freed (weights must be synced again afterwards)."""
+        self._require_gpu("resume_memory")
+        for endpoint in self.endpoints:
+            self.request(endpoint, "POST", "/resume_memory_occupation", {"tags": list(tags)}, retry=False)
+
+    def _require_gpu(self, what: str) -> None:
+        cpu = [e.url for e in self.endpoints if e.server is not None and e.server.config.device == "cpu"]
+        if cpu:
+            raise RolloutError(f"{what} is GPU-only (SGLang calls CUDA for it); CPU servers: {cpu}")
 
     def flush_cache(self) -> None:
         for endpoint in self.endpoints:
@@ -211,7 +231,7 @@ class SGLangEngine:
 
 
 def _generation(
-    out: dict, prompt_index: int, sample_index: int, prompt_ids: list[int], want_routing: bool
+    out: dict, prompt_index: int, sample_index: int, prompt_ids: list[int], want_routing: bool, top_k: int
 ) -> Generation:
     meta = out["meta_info"]
     entries = meta.get("output_token_logprobs") or []
@@ -223,10 +243,15 @@ def _generation(
     if want_routing:
         if "routed_experts" not in meta:
             raise RolloutError(
-                "return_routed_experts asked for, but the server sent no routing "
-                "(launch it with --enable-return-routed-experts)"
+                "return_routed_experts asked for, but the server sent no routing (launch it with "
+                "--enable-return-routed-experts; SGLang 0.5.23 supports that on GPU only: its capturer "
+                "pins host memory through CUDA)"
             )
-        routing = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
+        flat = np.frombuffer(base64.b64decode(meta["routed_experts"]), dtype=np.int32)
+        rows = len(prompt_ids) + len(token_ids) - 1
+        if not top_k or flat.size % (rows * top_k):
+            raise RolloutError(f"routed_experts: {flat.size} ids do not fill [{rows}, layers, top_k={top_k}]")
+        routing = flat.reshape(rows, -1, top_k)  # [prompt+response-1, MoE layers, top_k]
     return Generation(
         prompt_index=prompt_index,
         sample_index=sample_index,
@@ -240,7 +265,8 @@ def _generation(
     )
 
 
-def _vocab_size(model_path: str) -> int:
+def _model_sizes(model_path: str) -> tuple[int, int]:
+    """(vocab size, experts per token or 0) of the served model, from its config.json."""
     config = Path(model_path) / "config.json"
     if not config.is_file():
         raise RolloutError(f"no config.json in {model_path}: the client needs the served model's files")
@@ -248,4 +274,4 @@ def _vocab_size(model_path: str) -> int:
     size = data.get("vocab_size") or data.get("text_config", {}).get("vocab_size")
     if not size:
         raise RolloutError(f"{config} has no vocab_size")
-    return int(size)
+    return int(size), int(data.get("num_experts_per_tok") or 0)

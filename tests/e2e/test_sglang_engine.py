@@ -109,3 +109,11 @@ def test_sync_outside_begin_end_is_a_clear_error(reset_weights, tiny_models) -> 
         SGLangWeightUpdater(engine).load_tensors(
             [("model.norm.weight", state["model.norm.weight"])], last=True, version="x"
         )
+
+
+def test_memory_release_is_refused_on_cpu(reset_weights) -> None:
+    engine = reset_weights("dense")
+    with pytest.raises(RolloutError, match="GPU-only"):
+        engine.release_memory()
+    with pytest.raises(RolloutError, match="GPU-only"):
+        engine.resume_memory()

@@ -16,6 +16,7 @@ from functools import partial
 import pytest
 import torch
 
+from megatron_sapo.rollout.server import ServerConfig, SGLangServer
 from megatron_sapo.utils.spawn import run_on_ranks
 
 PROBES = [[5, 6, 7], [8, 9, 10, 11], [20, 21], [30, 31, 32, 33, 34]]
@@ -145,3 +146,35 @@ def test_killed_server_restarts_resyncs_and_rollout_completes(tiny_models, tmp_p
     # samples that finished before the kill and those retried after the restart all saw the synced weights
     assert r["versions"] == ["1"]
     assert r["after"]["sync/logprob_diff_max"] < 1e-4
+
+
+def _two_engines(rank, world, urls, model_dir):
+    from megatron_sapo.rollout.client import SGLangEngine
+    from megatron_sapo.rollout.guard import check_weight_sync
+    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    policy, config = _policy(model_dir, tp=1, ep=1)
+    # request_batch=1: each probe is its own request, alternating between the two servers
+    engine = SGLangEngine(urls, model_path=model_dir, request_batch=1)
+    out = {}
+    for i, transport in enumerate(("distributed", "tensor")):
+        _perturb(policy, seed=40 + i)
+        WeightSync(engine, policy.model, config, WeightSyncConfig(transport=transport)).sync(
+            version=transport
+        )
+        out[transport] = check_weight_sync(engine, policy, PROBES, version=transport, threshold=1e-4)
+    return out
+
+
+def test_two_servers_behind_one_client(sglang_servers, reset_weights, tiny_models, tmp_path) -> None:
+    first = sglang_servers["dense"]
+    reset_weights("dense")
+    second = SGLangServer(ServerConfig(model_path=str(tiny_models["dense"]), log_dir=str(tmp_path)))
+    with second:
+        before = [s.log_path.read_text().count("Prefill batch") for s in (first, second)]
+        r = run_on_ranks(
+            _two_engines, world_size=1, args=([first.url, second.url], str(tiny_models["dense"]))
+        )[0]
+        served = [s.log_path.read_text().count("Prefill batch") - b for s, b in zip((first, second), before)]
+    assert all(m["sync/logprob_diff_max"] < 1e-4 for m in r.values()), r  # both servers got the weights
+    assert min(served) >= 2, served  # round-robin: each server answered probes of both checks
