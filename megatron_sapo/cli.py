@@ -2,14 +2,20 @@
 
 megatron-sapo --help
 megatron-sapo env          # versions of the stack and which compute path (CPU compat / CUDA) applies
+megatron-sapo train CONFIG.yaml [dotted.key=value ...]   # an RL run; `train --help` lists every key
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata as md
+import logging
+import os
 import platform
 import sys
+import warnings
+from pathlib import Path
 
 STACK = ("torch", "megatron-core", "transformers", "sglang", "transformer-engine")
 
@@ -30,6 +36,58 @@ def _env(_: argparse.Namespace) -> int:
     return 0
 
 
+def _job_config_class() -> type:
+    """The run config's root class. Importing it loads megatron-core, which warns that TE/Apex are missing
+    (expected on CPU), and torch logs a missing CUDA runtime: keep stderr for the one-line config error."""
+    torch_log = logging.getLogger("torch.utils.cpp_extension")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron_sapo.run_config import JobConfig
+    torch_log.setLevel(level)
+    return JobConfig
+
+
+class _TrainHelp(argparse.Action):
+    """`train --help`: the usage plus every config key (the sections are imported only when asked)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace, values, option_string=None) -> None:
+        from megatron_sapo.config import describe_config
+
+        parser.epilog = (
+            "config keys (YAML: one mapping per section; override any as dotted.key=value):\n\n"
+            + describe_config(_job_config_class())
+        )
+        parser.print_help()
+        parser.exit()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from megatron_sapo.config import ConfigError, from_dict, read_config_data, save_config
+
+    try:
+        data = read_config_data(args.config, args.overrides)  # fails fast, before the heavy imports
+        cfg = from_dict(_job_config_class(), data)
+    except ConfigError as e:
+        print(f"megatron-sapo train: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank parses it; one writes it
+        try:
+            save_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
+        except OSError as e:
+            print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
+            return 2
+    try:
+        trainer = importlib.import_module("megatron_sapo.trainer")
+    except ModuleNotFoundError as e:
+        if e.name != "megatron_sapo.trainer":
+            raise
+        print("megatron-sapo train: trainer not implemented yet", file=sys.stderr)
+        return 3
+    return trainer.run(cfg) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-sapo",
@@ -38,6 +96,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     env = sub.add_parser("env", help="print the installed stack and the compute path that applies")
     env.set_defaults(func=_env)
+    train = sub.add_parser(
+        "train",
+        help="run SAPO RL post-training from a YAML config (+ dotted.key=value overrides)",
+        description="Load CONFIG.yaml, apply the overrides, validate, save the resolved config as\n"
+        "<run.output_dir>/config.yaml, and train. A bad key, type or value is one error line (exit 2).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    train.add_argument(
+        "-h",
+        "--help",
+        action=_TrainHelp,
+        nargs=0,
+        default=argparse.SUPPRESS,
+        help="show this help and every key",
+    )
+    train.add_argument("config", metavar="CONFIG.yaml", help="run config (e.g. configs/quickstart.yaml)")
+    train.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override a key, e.g. rollout.sampling.temperature=0.7",
+    )
+    train.set_defaults(func=_train)
     return parser
 
 

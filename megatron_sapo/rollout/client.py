@@ -62,6 +62,7 @@ class SGLangEngine:
         request_timeout: float = 900.0,
         max_retries: int = 2,
     ) -> None:
+        """`targets`: servers launched here (restartable) or URLs of running ones."""
         if not targets:
             raise ValueError("SGLangEngine needs at least one server or URL")
         self.endpoints = [Endpoint(t) for t in targets]

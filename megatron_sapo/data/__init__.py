@@ -1,0 +1,21 @@
+"""RL prompt data: jsonl/parquet datasets, chat-template rendering, the synthetic arithmetic task.
+
+from megatron_sapo.data import ArithmeticTask, load_records, render_prompt
+records = load_records("train.jsonl", prompt_field="question", answer_field="answer",
+                       answer_extract="gsm8k")
+train, evals = ArithmeticTask().splits(n_train=512, n_eval=128, seed=0)
+ids = render_prompt(train[0], tokenizer)
+"""
+
+from megatron_sapo.data.datasets import DataError, PromptRecord, load_records, render_prompt
+from megatron_sapo.data.synthetic import ArithmeticTask, arithmetic_records, sft_text
+
+__all__ = [
+    "ArithmeticTask",
+    "DataError",
+    "PromptRecord",
+    "arithmetic_records",
+    "load_records",
+    "render_prompt",
+    "sft_text",
+]
