@@ -78,14 +78,18 @@ def _train(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
             return 2
+    from megatron_sapo.data import DataError
+    from megatron_sapo.rollout import RolloutError
+
+    trainer = importlib.import_module("megatron_sapo.trainer")  # via sys.modules: tests may stub it
     try:
-        trainer = importlib.import_module("megatron_sapo.trainer")
-    except ModuleNotFoundError as e:
-        if e.name != "megatron_sapo.trainer":
-            raise
-        print("megatron-sapo train: trainer not implemented yet", file=sys.stderr)
-        return 3
-    return trainer.run(cfg) or 0
+        return trainer.run(cfg) or 0
+    except DataError as e:  # a bad dataset row: the message names the file and row
+        print(f"megatron-sapo train: error: {e}", file=sys.stderr)
+        return 2
+    except RolloutError as e:  # the engine failed or a weight sync did not take: the message says why
+        print(f"megatron-sapo train: rollout error: {e}", file=sys.stderr)
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -169,7 +169,8 @@ class PolicyEngine:
             max_lr=optim.lr,
             min_lr=optim.min_lr,
             lr_warmup_steps=optim.warmup_steps,
-            lr_decay_steps=max(optim.decay_steps, 1),
+            # megatron asserts warmup < decay steps, also for a constant schedule
+            lr_decay_steps=max(optim.decay_steps, optim.warmup_steps + 1),
             lr_decay_style=optim.decay_style if optim.decay_steps > 0 else "constant",
             start_wd=optim.weight_decay,
             end_wd=optim.weight_decay,

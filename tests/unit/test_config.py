@@ -279,13 +279,6 @@ def test_train_saves_resolved_config_and_calls_trainer(tmp_path, monkeypatch):
     assert load_config(JobConfig, out / "config.yaml") == cfg
 
 
-def test_train_without_trainer_module_exits_3(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "megatron_sapo.trainer", None)  # makes the import fail
-    assert main(["train", str(QUICKSTART), f"run.output_dir={tmp_path}"]) == 3
-    assert capsys.readouterr().err.strip().endswith("trainer not implemented yet")
-    assert (tmp_path / "config.yaml").is_file()
-
-
 def test_cli_errors_exit_2_with_one_line(tmp_path):
     """Through the installed console script: no traceback, no import noise, one line naming the key."""
     exe = Path(sys.executable).parent / "megatron-sapo"

@@ -1,0 +1,301 @@
+"""The pieces of an RL run around the loop in `trainer.py`: processes, model, data, engine, eval, outputs.
+
+Kept apart so the loop reads as the algorithm. Every function says which ranks call it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo.data import PromptRecord, load_records, render_prompt
+from megatron_sapo.data.synthetic import ArithmeticTask
+from megatron_sapo.rollout import SamplingParams
+from megatron_sapo.run_config import JobConfig
+from megatron_sapo.utils.spawn import free_port
+
+log = logging.getLogger(__name__)
+
+
+# ---- processes ---------------------------------------------------------------------------------
+def init_distributed(cfg: JobConfig) -> None:
+    """All ranks: torch.distributed (torchrun/srun env, or a 1-process group) + megatron parallel state."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    p = cfg.parallel
+    world = dist.get_world_size()
+    if world % (p.tp * p.pp) or (world // (p.tp * p.pp)) * p.tp % ((p.etp or p.tp) * p.ep):
+        raise ValueError(
+            f"parallel: tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp} do not fit {world} ranks "
+            "(tp*pp must divide the ranks, and etp*ep the ranks of one pipeline stage)"
+        )
+    if torch.cuda.is_available():
+        from megatron.core import parallel_state, tensor_parallel
+
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tp,
+            pipeline_model_parallel_size=p.pp,
+            virtual_pipeline_model_parallel_size=p.vpp,
+            expert_model_parallel_size=p.ep,
+            expert_tensor_parallel_size=p.etp,
+        )
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
+    else:
+        from megatron_sapo.megatron.testing import init_megatron_cpu
+
+        init_megatron_cpu(tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp, seed=cfg.run.seed)
+    random.seed(cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+
+
+# ---- model -------------------------------------------------------------------------------------
+def prepare_model(cfg: JobConfig, out: Path) -> Path:
+    """All ranks (rank 0 writes): the HF directory the run starts from (the tiny model is built once)."""
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    target = out / "hf_init"
+    if dist.get_rank() == 0 and not (target / "config.json").exists():
+        from megatron_sapo.tiny import save_tiny_model, train_tokenizer
+
+        t = cfg.model.tiny
+        task = cfg.data.synthetic
+        corpus = [r.prompt + " " + r.answer for r in task.records(4000, seed=12345)]
+        tokenizer = train_tokenizer(corpus, vocab_size=t.vocab)
+        save_tiny_model(
+            target.with_name("hf_init.tmp"), _tiny_config(cfg, len(tokenizer)), tokenizer, seed=cfg.run.seed
+        )
+        target.with_name("hf_init.tmp").rename(target)
+    dist.barrier()
+    return target
+
+
+def _tiny_config(cfg: JobConfig, vocab: int) -> Any:
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    t = cfg.model.tiny
+    common = dict(
+        vocab_size=max(vocab, t.vocab),
+        hidden_size=t.hidden,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        head_dim=t.head_dim,
+        intermediate_size=t.ffn,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    if t.architecture == "qwen3":
+        return Qwen3Config(**common)
+    return Qwen3MoeConfig(
+        **common,
+        num_experts=t.experts,
+        num_experts_per_tok=t.top_k,
+        moe_intermediate_size=t.moe_ffn,
+        norm_topk_prob=True,
+    )
+
+
+def load_tokenizer_and_config(hf_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir), AutoConfig.from_pretrained(hf_dir)
+
+
+# ---- data --------------------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """Train/eval records with their prompt token ids; batches are deterministic in (seed, offset)."""
+
+    train: list[PromptRecord]
+    train_ids: list[list[int]]
+    eval: list[PromptRecord]
+    eval_ids: list[list[int]]
+    tokenizer: Any
+    sft_targets: list[str]
+    seed: int
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.train)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def train_batch(self, offset: int, n: int) -> tuple[list[PromptRecord], list[list[int]]]:
+        idx = [self._order(i // len(self.train))[i % len(self.train)] for i in range(offset, offset + n)]
+        return [self.train[i] for i in idx], [self.train_ids[i] for i in idx]
+
+    def train_prompt_ids(self, offset: int, n: int) -> list[list[int]]:
+        return self.train_batch(offset, n)[1]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def sft_batches(self, batch_size: int, steps: int, *, seed: int) -> Iterator[list[tuple[list[int], int]]]:
+        """(prompt + target + EOS tokens, response start) batches for the supervised cold start."""
+        eos = self.tokenizer.eos_token_id
+        for step in range(steps):
+            rng = random.Random(seed * 7 + step)
+            batch = []
+            for i in rng.sample(range(len(self.train)), min(batch_size, len(self.train))):
+                target = self.tokenizer(self.sft_targets[i], add_special_tokens=False)["input_ids"] + [eos]
+                batch.append((self.train_ids[i] + target, len(self.train_ids[i])))
+            yield batch
+
+
+def load_data(cfg: JobConfig, tokenizer: Any) -> RunData:
+    """All ranks: records from files or the synthetic task, prompts rendered with the chat template."""
+    d = cfg.data
+    synthetic = d.format == "synthetic" or (d.format == "auto" and d.train_path is None)
+    if synthetic:
+        task = ArithmeticTask(
+            **{
+                k: getattr(d.synthetic, k) for k in ArithmeticTask.__dataclass_fields__
+            }  # the task's own fields
+        )
+        train, evals = task.splits(d.synthetic.n_train, d.synthetic.n_eval, seed=d.synthetic.seed)
+        targets = [task.sft_text(r) for r in train]
+    else:
+        kw = dict(
+            format="auto" if d.format == "auto" else d.format,
+            prompt_field=d.prompt_field,
+            answer_field=d.answer_field,
+            answer_extract=d.answer_extract,
+        )
+        train = load_records(d.train_path, **kw)
+        evals = load_records(d.eval_path, **kw) if d.eval_path else []
+        targets = [r.answer for r in train]
+
+    def render(records: list[PromptRecord]) -> list[list[int]]:
+        return [
+            render_prompt(
+                r,
+                tokenizer,
+                apply_chat_template=d.apply_chat_template,
+                system_prompt=d.system_prompt,
+                max_prompt_tokens=d.max_prompt_tokens,
+            )
+            for r in records
+        ]
+
+    return RunData(train, render(train), evals, render(evals), tokenizer, targets, cfg.run.seed)
+
+
+# ---- engine, rewards, eval --------------------------------------------------------------------
+def build_engine(cfg: JobConfig, hf_dir: Path, out: Path) -> Any:
+    """Rank 0: the rollout engine: launched SGLang servers, given URLs, or the in-process engine."""
+    r = cfg.rollout
+    if r.engine == "transformers":
+        from megatron_sapo.rollout.hf_engine import TransformersEngine
+
+        return TransformersEngine(str(hf_dir), seed=cfg.run.seed)
+    from megatron_sapo.rollout import SGLangEngine, SGLangServer
+
+    if r.urls:
+        return SGLangEngine(r.urls, model_path=str(hf_dir))
+    servers = [SGLangServer(r.server_config(str(hf_dir))) for _ in range(r.num_engines)]
+    for s in servers:
+        s.config.log_dir = s.config.log_dir or str(out / "logs")
+        s.log_path = Path(s.config.log_dir) / s.log_path.name
+        s.log_path.parent.mkdir(parents=True, exist_ok=True)
+        s.launch()
+    for s in servers:
+        s.wait_ready(s.config.startup_timeout)
+    return SGLangEngine(servers)
+
+
+def build_reward_runner(cfg: JobConfig) -> Any:
+    from megatron_sapo.rewards import RewardRunner, get_reward
+
+    return RewardRunner(get_reward(cfg.reward.name), timeout_s=cfg.reward.timeout_s)
+
+
+def evaluate(cfg: JobConfig, engine: Any, data: RunData, rewards: Any) -> dict[str, float]:
+    """Rank 0 (others return {}): greedy accuracy on the eval set (reward > 0.5 counts as correct)."""
+    if dist.get_rank() != 0 or not data.eval:
+        return {}
+    params = SamplingParams(max_new_tokens=cfg.rollout.sampling.max_new_tokens, temperature=0.0)
+    gens = engine.generate(data.eval_ids, params, n=cfg.run.eval_samples)
+    texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
+    scores, _ = rewards.score(texts, [data.eval[g.prompt_index] for g in gens])
+    return {"eval/accuracy": sum(s > 0.5 for s in scores) / len(scores)}
+
+
+# ---- outputs -----------------------------------------------------------------------------------
+class MetricsWriter:
+    """Rank 0: metrics.jsonl (one object per step), TensorBoard events, plots at the end."""
+
+    def __init__(self, out: Path, cfg: JobConfig, *, resume_step: int) -> None:
+        self.out, self.cfg = out, cfg
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        rows = [json.loads(x) for x in self.path.read_text().splitlines()] if self.path.exists() else []
+        # a resumed run rewrites the steps after its checkpoint (they were lost with the crash)
+        self.rows = [r for r in rows if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.tb = None
+        if cfg.run.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, row: dict[str, float]) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.tb.add_scalar(key, value, row["step"])
+        shown = {k: row[k] for k in ("reward/mean", "loss", "eval/accuracy", "time/step_s") if k in row}
+        log.info("step %d %s", row["step"], " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+    def log_sft(self, step: int, metrics: dict[str, float], seconds: float) -> None:
+        log.info("cold start step %d: loss %.4f (%.0f s)", step, metrics["loss"], seconds)
+
+    def finish(self) -> None:
+        from megatron_sapo.plots import plot_run
+
+        plot_run(self.rows, self.out / "plots")
+        if self.tb is not None:
+            self.tb.close()
+
+
+def export_final_hf(cfg: JobConfig, policy: Any, hf_config: Any, hf_dir: Path, out: Path) -> None:
+    """All ranks (collective export; rank 0 writes): the final policy as a HF checkpoint in <out>/hf."""
+    from megatron_sapo.bridge import export_hf_weights
+    from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
+
+    buckets = export_hf_weights(policy.model, hf_config)
+    if dist.get_rank() != 0:
+        for _ in buckets:
+            pass
+        return
+    target, tmp = out / "hf", out / "hf.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors_sharded(chain.from_iterable(buckets), tmp)
+    for f in hf_dir.iterdir():
+        if (
+            f.is_file()
+            and not f.name.startswith("model")
+            and f.suffix in (".json", ".jinja", ".txt", ".model")
+        ):
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    log.info("final Hugging Face checkpoint: %s", target)

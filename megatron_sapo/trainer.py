@@ -1,0 +1,227 @@
+"""The RL loop: rollout -> rewards -> group advantages -> pi_old -> mini-batch updates -> weight sync.
+
+    megatron-sapo train configs/quickstart.yaml run.steps=3      # calls run(cfg) on every rank
+
+Every trainer rank builds the megatron policy (`PolicyEngine`, any TP/PP/EP layout); global rank 0 also
+owns the rollout engine (SGLang servers or the in-process transformers engine) and the rewards, and
+broadcasts each step's samples to the other ranks. Per step: n samples per prompt, rewards (a crash or
+timeout is a 0 reward and a counted warning), group-normalised advantages, optional dynamic sampling
+(drop groups whose rewards are all equal, sample more prompts), trainer-side pi_old log-probs, the
+loss's mini-batch updates, weight sync to the engines + the log-prob mismatch guard, periodic greedy
+eval, one metrics.jsonl row, checkpoints. Resuming: rerun the same command; it continues from the newest
+checkpoint in <output_dir>/checkpoints. The run parts (model set-up, data, evaluation, outputs) live in
+`megatron_sapo/run_parts.py`. Tests: tests/e2e/test_trainer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo import run_parts as parts
+from megatron_sapo.losses import group_advantages
+from megatron_sapo.megatron.batching import Sample
+from megatron_sapo.megatron.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from megatron_sapo.megatron.engine import PolicyEngine
+from megatron_sapo.megatron.models import build_gpt_model
+from megatron_sapo.rollout import SamplingParams, WeightSync, check_weight_sync
+from megatron_sapo.run_config import JobConfig
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: JobConfig) -> int:
+    out = Path(cfg.run.output_dir)
+    parts.init_distributed(cfg)
+    driver = dist.get_rank() == 0
+    hf_dir = parts.prepare_model(cfg, out)
+    tokenizer, hf_config = parts.load_tokenizer_and_config(hf_dir)
+    data = parts.load_data(cfg, tokenizer)
+    policy = PolicyEngine(
+        partial(build_gpt_model, hf_config),
+        cfg.optim,
+        cfg.loss.to_train_config(pad_token_id=tokenizer.pad_token_id or 0),
+    )
+    ckpt_root = out / "checkpoints"
+    start = 0
+    if list_checkpoints(ckpt_root):
+        start, _ = load_checkpoint(
+            ckpt_root, model_chunks=policy.model, optimizer=policy.optimizer, scheduler=policy.scheduler
+        )
+        log.info("resumed from %s at step %d", ckpt_root, start)
+    else:
+        from megatron_sapo.bridge.load import load_hf_weights
+
+        load_hf_weights(policy.model, hf_config, hf_dir)
+    writer = parts.MetricsWriter(out, cfg, resume_step=start) if driver else None
+    engine = parts.build_engine(cfg, hf_dir, out) if driver else None
+    rewards = parts.build_reward_runner(cfg) if driver else None
+    try:
+        sync = WeightSync(engine, policy.model, hf_config, cfg.rollout.weight_sync)
+        if start == 0 and cfg.sft.steps:
+            _cold_start(cfg, policy, data, writer)
+        sync.sync(version=str(start))
+        if driver and cfg.rollout.engine == "sglang" and dist.get_world_size() == 1:
+            sync.resync_on_restart()
+        if start == 0:
+            acc = parts.evaluate(cfg, engine, data, rewards)
+            if writer:
+                writer.write({"step": 0, **acc})
+        for step in range(start, cfg.run.steps):
+            row = _rl_step(cfg, step, policy, engine, rewards, data, sync)
+            if (cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0) or step + 1 == cfg.run.steps:
+                row.update(parts.evaluate(cfg, engine, data, rewards))
+            if writer:
+                writer.write(row)
+            if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == cfg.run.steps:
+                save_checkpoint(
+                    ckpt_root,
+                    step=step + 1,
+                    model_chunks=policy.model,
+                    optimizer=policy.optimizer,
+                    scheduler=policy.scheduler,
+                    keep_last=cfg.run.keep_last or None,
+                )
+        parts.export_final_hf(cfg, policy, hf_config, hf_dir, out)
+        if writer:
+            writer.finish()
+    finally:
+        if rewards is not None:
+            rewards.close()
+        if engine is not None:
+            engine.shutdown()
+    return 0
+
+
+def _cold_start(cfg: JobConfig, policy: PolicyEngine, data: parts.RunData, writer: Any) -> None:
+    """Supervised cold start: a policy-gradient step with advantage 1 at ratio 1 is exactly the gradient of
+    the mean token log-likelihood of the demonstrations (one on-policy mini-batch per step)."""
+    train_config = policy.train_config
+    policy.train_config = replace(train_config, mini_batches=1)
+    started = time.perf_counter()
+    for step, batch in enumerate(data.sft_batches(cfg.sft.batch_size, cfg.sft.steps, seed=cfg.run.seed)):
+        for group in policy.optimizer.param_groups:
+            group["lr"] = cfg.sft.lr
+        samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=1.0) for t, r in batch]
+        metrics = policy.train_step(samples)
+        if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
+            writer.log_sft(step, metrics, time.perf_counter() - started)
+    policy.train_config = train_config
+    # the RL schedule (warm-up included) starts after the cold start
+    policy.scheduler.num_steps = 0
+    policy.scheduler.step(increment=0)
+
+
+def _rl_step(
+    cfg: JobConfig,
+    step: int,
+    policy: PolicyEngine,
+    engine: Any,
+    rewards: Any,
+    data: parts.RunData,
+    sync: WeightSync,
+) -> dict[str, float]:
+    t0 = time.perf_counter()
+    payload: list[Any] = [None]
+    if dist.get_rank() == 0:
+        payload = [_rollout(cfg, step, engine, rewards, data)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    rows, stats = payload[0]
+    t_rollout = time.perf_counter() - t0
+    samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _ in rows]
+    old = policy.compute_logprobs(samples)
+    engine_diff = [(o - torch.tensor(e)).abs() for o, (*_, e) in zip(old, rows)]
+    t1 = time.perf_counter()
+    metrics = policy.train_step(samples, old)
+    t_train = time.perf_counter() - t1
+    if not math.isfinite(metrics["loss"]):
+        log.warning("step %d: non-finite loss %s (its optimizer steps were skipped)", step, metrics["loss"])
+    t2 = time.perf_counter()
+    metrics.update(sync.sync(version=str(step + 1)))
+    if cfg.rollout.guard_prompts:
+        probes = data.train_prompt_ids(step * 7919, cfg.rollout.guard_prompts)
+        metrics.update(
+            check_weight_sync(
+                engine,
+                policy,
+                probes,
+                version=str(step + 1),
+                threshold=cfg.rollout.guard_threshold,
+                seed=cfg.run.seed + step,
+            )
+        )
+    diffs = torch.cat(engine_diff) if engine_diff else torch.zeros(1)
+    return {
+        "step": step + 1,
+        **stats,
+        **metrics,
+        "rollout/engine_trainer_logprob_diff_mean": diffs.mean().item(),
+        "time/rollout_s": t_rollout,
+        "time/train_s": t_train,
+        "time/sync_s": time.perf_counter() - t2,
+        "time/step_s": time.perf_counter() - t0,
+    }
+
+
+def _rollout(cfg: JobConfig, step: int, engine: Any, rewards: Any, data: parts.RunData) -> tuple[list, dict]:
+    """Rank 0: samples + rewards + advantages for one step (dynamic sampling refills zero-signal groups)."""
+    r = cfg.rollout
+    # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)
+    base = r.sampling.seed if r.sampling.seed is not None else cfg.run.seed * 1_000_003
+    sampling = replace(r.sampling, seed=base + step)
+    kept: list[tuple[list[int], int, float, list[float]]] = []
+    all_rewards: list[float] = []
+    reward_stats: dict[str, float] = {}
+    lengths, stops, dropped = [], [], 0
+    offset = step * r.prompts_per_step
+    rounds = 1 + (r.max_refill_rounds if r.dynamic_sampling else 0)
+    for round_ in range(rounds):
+        need = r.prompts_per_step - len(kept) // r.samples_per_prompt
+        if need <= 0:
+            break
+        records, prompt_ids = data.train_batch(offset, need)
+        offset += need
+        gens = engine.generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
+        texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
+        scores, stats = rewards.score(texts, [records[g.prompt_index] for g in gens])
+        for key, value in stats.items():
+            reward_stats[key] = reward_stats.get(key, 0.0) + value
+        all_rewards += scores
+        adv = group_advantages(torch.tensor(scores), r.samples_per_prompt).tolist()
+        for p in range(len(records)):
+            group = range(p * r.samples_per_prompt, (p + 1) * r.samples_per_prompt)
+            if r.dynamic_sampling and len({scores[i] for i in group}) == 1:
+                dropped += 1
+                continue
+            for i in group:
+                g = gens[i]
+                if not g.token_ids:
+                    continue
+                kept.append((g.prompt_ids + g.token_ids, len(g.prompt_ids), adv[i], g.logprobs))
+                lengths.append(len(g.token_ids))
+                stops.append(g.finish_reason == "stop")
+    if not kept:  # every group had equal rewards: train on nothing would stall; keep the last round
+        raise RuntimeError("dynamic sampling dropped every group; raise rollout.max_refill_rounds")
+    rewards_t = torch.tensor(all_rewards)
+    return kept, {
+        "reward/mean": rewards_t.mean().item(),
+        "reward/std": rewards_t.std().item() if rewards_t.numel() > 1 else 0.0,
+        **reward_stats,
+        "rollout/response_len": sum(lengths) / len(lengths),
+        "rollout/stop_fraction": sum(stops) / len(stops),
+        "rollout/groups_dropped": float(dropped),
+        "rollout/samples": float(len(kept)),
+    }
+
+
+def _sampling(params: SamplingParams, round_: int) -> SamplingParams:
+    return params if params.seed is None else replace(params, seed=params.seed + 100_003 * round_)
