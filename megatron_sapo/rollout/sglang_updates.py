@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
@@ -173,9 +174,10 @@ class SGLangWeightUpdater:
 
     def init_group(self, master_address: str, master_port: int, *, backend: str) -> dist.ProcessGroup:
         """A process group of trainer rank 0 (rank 0) and every server's TP ranks (1..)."""
-        # torch refuses a second group of the same name in one process (e.g. after a server restart).
+        # torch refuses a second group of the same name in one process, on either side: a server keeps
+        # the groups of earlier trainers (and of this one before a restart), so every name is new.
         self._groups_made += 1
-        self.group_name = f"{self.group_prefix}-{self._groups_made}"
+        self.group_name = f"{self.group_prefix}-{uuid.uuid4().hex[:8]}-{self._groups_made}"
         world = 1 + sum(self.tp_sizes)
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.tp_sizes))]
         errors: list[Exception] = []
@@ -203,16 +205,34 @@ class SGLangWeightUpdater:
             threading.Thread(target=ask, args=(e, o), daemon=True)
             for e, o in zip(self.engine.endpoints, offsets, strict=True)
         ]
-        for t in threads:
+        made: list[dist.ProcessGroup] = []
+
+        def join_ours() -> None:
+            try:
+                made.append(
+                    new_external_group(
+                        master_address,
+                        master_port,
+                        world_size=world,
+                        backend=backend,
+                        group_name=self.group_name,
+                    )
+                )
+            except Exception as exc:
+                errors.append(exc)
+
+        ours = threading.Thread(target=join_ours, daemon=True)
+        for t in [*threads, ours]:
             t.start()
-        group = new_external_group(
-            master_address, master_port, world_size=world, backend=backend, group_name=self.group_name
-        )
+        # A server that refuses (its answer comes back at once) would leave our rendezvous waiting for
+        # it until the store times out: watch for errors instead of blocking on the rendezvous.
+        while ours.is_alive() and not errors:
+            ours.join(0.2)
         for t in threads:
-            t.join()
+            t.join(0 if errors else None)
         if errors:
             raise RolloutError(f"init_weights_update_group failed: {errors[0]}")
-        return group
+        return made[0]
 
     def broadcast(self, bucket: Bucket, group: dist.ProcessGroup, *, last: bool, version: str) -> None:
         """Distributed transport: names/shapes over HTTP while the bytes go over `group` (one broadcast)."""

@@ -173,7 +173,7 @@ def test_two_servers_behind_one_client(sglang_servers, reset_weights, tiny_model
     with second:
         before = [s.log_path.read_text().count("Prefill batch") for s in (first, second)]
         r = run_on_ranks(
-            _two_engines, world_size=1, args=([first.url, second.url], str(tiny_models["dense"]))
+            _two_engines, world_size=1, args=([first.url, second.url], str(tiny_models["dense"])), timeout=600
         )[0]
         served = [s.log_path.read_text().count("Prefill batch") - b for s, b in zip((first, second), before)]
     assert all(m["sync/logprob_diff_max"] < 1e-4 for m in r.values()), r  # both servers got the weights
