@@ -249,9 +249,28 @@ class MetricsWriter:
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.tb = None
         if cfg.run.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(
+                    "run.tensorboard needs the tensorboard package (pip install tensorboard)"
+                ) from e
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
+        self.wandb = None
+        if cfg.run.wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError(
+                    "run.wandb_project is set but wandb is not installed (pip install wandb)"
+                ) from e
+            self.wandb = wandb.init(project=cfg.run.wandb_project, dir=str(out), resume="allow")
+        self.bar = None
+        if cfg.run.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.run.steps, initial=resume_step, desc="RL steps", unit="step")
 
     def write(self, row: dict[str, float]) -> None:
         self.rows.append(row)
@@ -261,6 +280,11 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, row["step"])
+        if self.wandb is not None:
+            self.wandb.log(row, step=row["step"])
+        if self.bar is not None and row["step"] > self.bar.n:
+            self.bar.update(row["step"] - self.bar.n)
+            self.bar.set_postfix({k: round(row[k], 3) for k in ("reward/mean", "eval/accuracy") if k in row})
         shown = {k: row[k] for k in ("reward/mean", "loss", "eval/accuracy", "time/step_s") if k in row}
         log.info("step %d %s", row["step"], " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
@@ -273,6 +297,10 @@ class MetricsWriter:
         plot_run(self.rows, self.out / "plots")
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def export_final_hf(cfg: JobConfig, policy: Any, hf_config: Any, hf_dir: Path, out: Path) -> None:
