@@ -384,6 +384,11 @@ class JobConfig:
             f"{self.loss.mini_batches} does not divide the rollout batch "
             f"(prompts_per_step × samples_per_prompt = {batch})",
         )
+        check(
+            self.rollout.sampling.temperature == 1.0,
+            "rollout.sampling.temperature",
+            "must be 1.0 for now: the trainer's log-probs (pi_old, pi_theta) are at temperature 1",
+        )
         if self.model.path is None and self.model.tiny.architecture == "qwen3":
             check(
                 self.parallel.ep == 1, "parallel.ep", "needs a MoE model (model.tiny.architecture is 'qwen3')"

@@ -53,6 +53,11 @@ def _sections(cls: type) -> list[type]:
     return out
 
 
+def test_sampling_temperature_must_be_one_until_the_trainer_scales(tmp_path):
+    with pytest.raises(ConfigError, match=r"^rollout\.sampling\.temperature: must be 1\.0"):
+        load_config(JobConfig, None, ["rollout.sampling.temperature=0.7"])
+
+
 def test_yaml_then_overrides_land_in_typed_fields(tmp_path):
     path = _write(
         tmp_path,
@@ -63,7 +68,7 @@ parallel: {tp: 2, sequence_parallel: true}
 rollout:
   samples_per_prompt: 16
   sampling:
-    temperature: 0.9       # max_new_tokens keeps RolloutConfig's default (32), not SamplingParams' 128
+    top_p: 0.9             # max_new_tokens keeps RolloutConfig's default (32), not SamplingParams' 128
 optim:
   lr: 1e-6                 # PyYAML reads this as a string; the float field takes it
 loss:
@@ -77,7 +82,7 @@ run:
         JobConfig,
         path,
         [
-            "rollout.sampling.temperature=0.7",
+            "rollout.sampling.top_p=0.7",
             "model.path=null",
             "run.steps=3",
             "rollout.urls=[http://10.0.0.1:30000, http://10.0.0.2:30000]",
@@ -89,7 +94,7 @@ run:
     assert cfg.model.path is None
     assert (cfg.parallel.tp, cfg.parallel.sequence_parallel) == (2, True)
     assert cfg.rollout.samples_per_prompt == 16
-    assert cfg.rollout.sampling.temperature == 0.7
+    assert cfg.rollout.sampling.top_p == 0.7
     assert cfg.rollout.sampling.max_new_tokens == RolloutConfig().sampling.max_new_tokens == 32
     assert cfg.rollout.urls == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-6
