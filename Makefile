@@ -34,8 +34,8 @@ install: $(VENV)/.stamp-base  ## runtime install into .venv
 install-dev: $(VENV)/.stamp-dev  ## + test / lint tools
 install-sglang: $(VENV)/.stamp-sglang  ## + the lean SGLang rollout engine
 
-demo: $(VENV)/.stamp-base  ## run the main job on the embedded CPU default
-	$(PY) examples/toy_sapo.py
+demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~12 min)
+	$(VENV)/bin/megatron-sapo train configs/quickstart.yaml
 
 test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLang included), then run the whole suite
 	$(PY) -m pytest tests $(PYTEST_ARGS)

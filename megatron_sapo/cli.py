@@ -81,6 +81,8 @@ def _train(args: argparse.Namespace) -> int:
     from megatron_sapo.data import DataError
     from megatron_sapo.rollout import RolloutError
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("megatron_sapo").setLevel(logging.INFO if not cfg.run.progress else logging.WARNING)
     trainer = importlib.import_module("megatron_sapo.trainer")  # via sys.modules: tests may stub it
     try:
         return trainer.run(cfg) or 0

@@ -75,7 +75,12 @@ def prepare_model(cfg: JobConfig, out: Path) -> Path:
 
         t = cfg.model.tiny
         task = cfg.data.synthetic
-        corpus = [r.prompt + " " + r.answer for r in task.records(4000, seed=12345)]
+        # prompts as the chat template renders them, without answers: answer digits stay single
+        # tokens (byte fallback), which a tiny model learns much faster than merged numbers
+        corpus = [
+            f"<|im_start|>user\n{r.prompt}<|im_end|>\n<|im_start|>assistant\n"
+            for r in task.records(1000, seed=12345)
+        ]
         tokenizer = train_tokenizer(corpus, vocab_size=t.vocab)
         save_tiny_model(
             target.with_name("hf_init.tmp"), _tiny_config(cfg, len(tokenizer)), tokenizer, seed=cfg.run.seed
@@ -290,6 +295,19 @@ class MetricsWriter:
 
     def log_sft(self, step: int, metrics: dict[str, float], seconds: float) -> None:
         log.info("cold start step %d: loss %.4f (%.0f s)", step, metrics["loss"], seconds)
+
+    def summary(self) -> None:
+        """The end-of-run lines a user looks for: accuracy after the cold start vs at the end, and paths."""
+        evals = [(r["step"], r["eval/accuracy"]) for r in self.rows if "eval/accuracy" in r]
+        lines = []
+        if len(evals) >= 2:
+            (s0, a0), (s1, a1) = evals[0], evals[-1]
+            lines.append(
+                f"eval accuracy: {a0:.2f} at step {s0} (after the cold start) -> {a1:.2f} at step {s1} "
+                f"({100 * (a1 - a0):+.0f} points)"
+            )
+        lines += [f"plots: {self.out / 'plots'}", f"Hugging Face checkpoint: {self.out / 'hf'}"]
+        log.warning("\n".join(lines))  # WARNING: shown even when INFO progress logs are off
 
     def finish(self) -> None:
         from megatron_sapo.plots import plot_run

@@ -93,6 +93,7 @@ def run(cfg: JobConfig) -> int:
         parts.export_final_hf(cfg, policy, hf_config, hf_dir, out)
         if writer:
             writer.finish()
+            writer.summary()
     finally:
         if rewards is not None:
             rewards.close()
