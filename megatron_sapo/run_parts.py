@@ -5,11 +5,11 @@ Kept apart so the loop reads as the algorithm. Every function says which ranks c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import random
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -212,11 +212,10 @@ def build_engine(cfg: JobConfig, hf_dir: Path, out: Path) -> Any:
 
     if r.urls:
         return SGLangEngine(r.urls, model_path=str(hf_dir))
-    servers = [SGLangServer(r.server_config(str(hf_dir))) for _ in range(r.num_engines)]
-    for s in servers:
-        s.config.log_dir = s.config.log_dir or str(out / "logs")
-        s.log_path = Path(s.config.log_dir) / s.log_path.name
-        s.log_path.parent.mkdir(parents=True, exist_ok=True)
+    server_config = r.server_config(str(hf_dir))
+    server_config.log_dir = server_config.log_dir or str(out / "logs")
+    servers = [SGLangServer(dataclasses.replace(server_config)) for _ in range(r.num_engines)]
+    for s in servers:  # all load in parallel, then wait for each
         s.launch()
     for s in servers:
         s.wait_ready(s.config.startup_timeout)
@@ -324,24 +323,12 @@ class MetricsWriter:
 def export_final_hf(cfg: JobConfig, policy: Any, hf_config: Any, hf_dir: Path, out: Path) -> None:
     """All ranks (collective export; rank 0 writes): the final policy as a HF checkpoint in <out>/hf."""
     from megatron_sapo.bridge import export_hf_weights
-    from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
+    from megatron_sapo.convert.assets import write_hf_snapshot
 
     buckets = export_hf_weights(policy.model, hf_config)
     if dist.get_rank() != 0:
         for _ in buckets:
             pass
         return
-    target, tmp = out / "hf", out / "hf.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors_sharded(chain.from_iterable(buckets), tmp)
-    for f in hf_dir.iterdir():
-        if (
-            f.is_file()
-            and not f.name.startswith("model")
-            and f.suffix in (".json", ".jinja", ".txt", ".model")
-        ):
-            shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    target = write_hf_snapshot(chain.from_iterable(buckets), out / "hf", assets_from=hf_dir)
     log.info("final Hugging Face checkpoint: %s", target)

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,31 @@ def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     if not any(name in copied for name in _TOKENIZER_FILES):
         logger.warning("no tokenizer files in %s: the output will carry none", src)
     return copied
+
+
+def write_hf_snapshot(
+    named_tensors: Iterable[tuple[str, Any]],
+    target: str | os.PathLike,
+    *,
+    assets_from: str | os.PathLike | None,
+) -> Path:
+    """A complete HF directory at `target`: safetensors shards (+ index) and the assets of `assets_from`.
+
+    Written into `<target>.tmp` and renamed over `target` only when complete, so a reader (an SGLang
+    server reloading from disk, a user after a crash) never sees a half-written snapshot.
+    """
+    from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
+
+    target = Path(target)
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_safetensors_sharded(named_tensors, staging)
+    if assets_from is not None:
+        copy_assets(assets_from, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
 
 
 def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: Layout, **fields: Any) -> None:

@@ -19,7 +19,6 @@ Tests: tests/rollout/test_weight_sync.py.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.bridge import export_hf_weights
-from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
+from megatron_sapo.convert.assets import write_hf_snapshot
 from megatron_sapo.rollout.client import SGLangEngine
 from megatron_sapo.rollout.types import RolloutEngine
 from megatron_sapo.utils.spawn import free_port
@@ -39,7 +38,6 @@ from megatron_sapo.utils.spawn import free_port
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("tensor", "distributed", "disk")
-_ASSET_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
 
 
 @dataclass
@@ -126,7 +124,6 @@ class WeightSync:
     def sync(self, version: str) -> dict[str, float]:
         """Export and load the current weights; returns sync/seconds, sync/bytes, sync/gb_per_s (rank 0)."""
         start = time.perf_counter()
-        nbytes = 0
         buckets = self._buckets()
         if not self.is_driver:
             for _ in buckets:
@@ -165,21 +162,12 @@ class WeightSync:
             up.end()
 
     def _sync_disk(self, buckets: Iterator[list], version: str) -> None:
-        root = Path(self.config.disk_dir)
-        target, staging = root / "current", root / f"staging-v{version}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        save_safetensors_sharded(chain.from_iterable(buckets), staging)
-        source = getattr(self.engine, "model_path", None)
-        if source is not None:  # config, tokenizer, generation config of the served model
-            for f in Path(source).iterdir():
-                if f.suffix in _ASSET_SUFFIXES and not f.name.startswith("model.safetensors"):
-                    shutil.copy2(f, staging / f.name)
-        else:
-            self.hf_config.save_pretrained(staging)
-        # Engines read a complete snapshot only: swap directories after the write finished.
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        source = getattr(self.engine, "model_path", None)  # config + tokenizer of the served model
+        target = write_hf_snapshot(
+            chain.from_iterable(buckets), Path(self.config.disk_dir) / "current", assets_from=source
+        )
+        if source is None:
+            self.hf_config.save_pretrained(target)
         if self._updater is None:
             self.engine.update_weights_from_disk(str(target), version=version)
         else:
