@@ -340,8 +340,8 @@ class RunConfig:
     """Checkpoints kept on disk (0 = keep all)."""
     log_every: int = 1
     """RL steps between log lines."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files under output_dir/tensorboard."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (every metrics.jsonl scalar) under output_dir/tensorboard."""
     wandb_project: str | None = None
     """Weights & Biases project to log to; null = no W&B."""
     progress: bool = True

@@ -260,7 +260,10 @@ class MetricsWriter:
                     "run.tensorboard needs the tensorboard package (pip install tensorboard)"
                 ) from e
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # purge_step: a resumed run hides the events of the steps it redoes (lost with the crash)
+            self.tb = SummaryWriter(
+                str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         self.wandb = None
         if cfg.run.wandb_project:
             try:
@@ -284,6 +287,7 @@ class MetricsWriter:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
                     self.tb.add_scalar(key, value, row["step"])
+            self.tb.flush()  # on disk every step: a crash loses nothing that metrics.jsonl has
         if self.wandb is not None:
             self.wandb.log(row, step=row["step"])
         if self.bar is not None and row["step"] > self.bar.n:

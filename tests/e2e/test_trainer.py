@@ -3,7 +3,8 @@
 - every loss name finishes 3 steps and writes the documented files; the final hf/ loads in transformers
   and equals the trained policy's export;
 - the real SGLang engine (the default) runs 2 steps;
-- SIGKILL after a checkpoint, rerun the same command: the resumed steps reproduce the uninterrupted run;
+- SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
+  uninterrupted run, in metrics.jsonl and in TensorBoard (each step once);
 - a malformed dataset row is one error line naming file and row; a reward that raises or hangs is a
   0 reward and a counted error/timeout, never a dead run.
 Run: `python -m pytest tests/e2e/test_trainer.py -q` (~5 min on 2 cores).
@@ -54,6 +55,26 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _logged(out: Path, step: int) -> bool:
+    """Whether metrics.jsonl already has `step` (tolerates a line being written)."""
+    try:
+        return any(json.loads(x)["step"] == step for x in (out / "metrics.jsonl").read_text().splitlines())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def tb_scalars(out: Path, tag: str) -> dict[int, float]:
+    """A tag's (step -> value) as TensorBoard itself reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars(tag)
+    steps = [e.step for e in events]
+    assert len(steps) == len(set(steps)), f"{tag}: a step appears twice in TensorBoard: {steps}"
+    return {e.step: e.value for e in events}
+
+
 @pytest.mark.parametrize("loss", ["sapo", "gspo", "gspo_token", "grpo"])
 def test_three_steps_each_loss_writes_outputs(loss, tmp_path) -> None:
     out = tmp_path / loss
@@ -67,6 +88,9 @@ def test_three_steps_each_loss_writes_outputs(loss, tmp_path) -> None:
         assert x["sync/logprob_diff_max"] < 1e-4  # the engine serves the updated weights
     if loss == "sapo":
         assert 0 < r[1]["sapo/gate_mean"] <= 1
+        for tag in ("reward/mean", "sapo/gate_mean", "eval/accuracy"):  # TensorBoard has what jsonl has
+            want = {x["step"]: x[tag] for x in r if tag in x}
+            assert tb_scalars(out, tag) == pytest.approx(want, rel=1e-6), tag
     assert {p.name for p in (out / "plots").iterdir()} >= {
         "reward.png",
         "eval_accuracy.png",
@@ -92,7 +116,7 @@ def test_sglang_engine_two_steps(tmp_path) -> None:
 
 
 def test_resume_after_sigkill_reproduces_the_run(tmp_path) -> None:
-    args = ["rollout.engine=transformers", "run.steps=4", "run.save_every=1", "run.eval_every=0"]
+    args = ["rollout.engine=transformers", "run.steps=4", "run.save_every=2", "run.eval_every=0"]
     train(tmp_path / "full", *args)
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -104,9 +128,10 @@ def test_resume_after_sigkill_reproduces_the_run(tmp_path) -> None:
         start_new_session=True,
     )
     deadline = time.monotonic() + 600
-    while not (out / "checkpoints" / "iter_0000002").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its 2nd checkpoint"
-        time.sleep(0.2)
+    # killed after step 3 was logged, past the step-2 checkpoint: the rerun redoes step 3
+    while not _logged(out, step=3):
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its step 3"
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     train(out, *args)
@@ -116,6 +141,8 @@ def test_resume_after_sigkill_reproduces_the_run(tmp_path) -> None:
         for key in ("reward/mean", "loss", "grad_norm", "eval/accuracy"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    # TensorBoard shows each step once, with the resumed run's values (redone steps purged)
+    assert tb_scalars(out, "loss") == pytest.approx({x["step"]: x["loss"] for x in resumed[1:]}, rel=1e-6)
 
 
 def test_malformed_dataset_row_is_one_error_line(tmp_path) -> None:
