@@ -72,13 +72,15 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"megatron-sapo train: error: {e}", file=sys.stderr)
         return 2
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank parses it; one writes it
+    # under torchrun / srun every process parses it; one writes it
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         try:
             save_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
         except OSError as e:
             print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
             return 2
     from megatron_sapo.data import DataError
+    from megatron_sapo.launch import LayoutError
     from megatron_sapo.rollout import RolloutError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -86,6 +88,9 @@ def _train(args: argparse.Namespace) -> int:
     trainer = importlib.import_module("megatron_sapo.trainer")  # via sys.modules: tests may stub it
     try:
         return trainer.run(cfg) or 0
+    except LayoutError as e:  # processes / nodes / GPUs that do not fit the config: names the setting
+        print(f"megatron-sapo train: error: {e}", file=sys.stderr)
+        return 2
     except DataError as e:  # a bad dataset row: the message names the file and row
         print(f"megatron-sapo train: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from megatron_sapo.rollout.types import SamplingParams
 from megatron_sapo.rollout.weight_sync import WeightSyncConfig
 
 __all__ = [
+    "ClusterConfig",
     "DataConfig",
     "JobConfig",
     "LossConfig",
@@ -122,6 +123,42 @@ class ParallelConfig:
         _check_positive(self, "tp", "pp", "vpp", "ep", "etp")
         check(self.vpp is None or self.pp > 1, "vpp", "needs parallel.pp > 1")
         check(not self.sequence_parallel or self.tp > 1, "sequence_parallel", "needs parallel.tp > 1")
+
+
+PLACEMENTS = ("colocated", "disaggregated")
+
+
+@dataclass
+class ClusterConfig:
+    """Where trainers and SGLang engines run across the allocation (see megatron_sapo/launch.py)."""
+
+    placement: Literal["colocated", "disaggregated"] = "colocated"
+    """"colocated": every node trains and trainer rank 0 launches `rollout.num_engines` engines on its own
+    node (not on every node); "disaggregated": the last `engine_nodes` nodes only serve SGLang engines
+    (`engines_per_node` each, `rollout.num_engines` is not used) and the first ones train."""
+    engine_nodes: int = 0
+    """Disaggregated: how many nodes (the last ones of the allocation) run SGLang engines."""
+    engines_per_node: int = 1
+    """Disaggregated: SGLang servers per engine node (each `rollout.server.tp_size` GPUs)."""
+    engine_port: int = 30000
+    """Disaggregated: engine i of a node listens on engine_port + i."""
+    gpus_per_node: int | None = None
+    """GPUs per node; null = from SLURM (SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE), else the visible ones."""
+    master_port: int | None = None
+    """Port of the trainers' rendezvous under plain srun; null = MASTER_PORT, else derived from the job id."""
+
+    def __post_init__(self) -> None:
+        check_choice(self.placement, PLACEMENTS, "placement")
+        _check_positive(self, "engine_nodes", minimum=0)
+        _check_positive(self, "engines_per_node", "gpus_per_node")
+        for name in ("engine_port", "master_port"):
+            port = getattr(self, name)
+            check(port is None or 0 < port < 65536, name, f"must be a TCP port in 1..65535, got {port}")
+        check(
+            self.placement == "colocated" or self.engine_nodes > 0,
+            "engine_nodes",
+            "must be >= 1 for cluster.placement 'disaggregated' (the last N nodes run the engines)",
+        )
 
 
 ServerOptions = without_fields(
@@ -375,6 +412,8 @@ class JobConfig:
     """Optional supervised cold start."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run bookkeeping."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Placement of trainers and engines on the nodes of a multi-node job."""
 
     def __post_init__(self) -> None:
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
@@ -389,6 +428,24 @@ class JobConfig:
             "rollout.sampling.temperature",
             "must be 1.0 for now: the trainer's log-probs (pi_old, pi_theta) are at temperature 1",
         )
+        if self.cluster.placement == "disaggregated":
+            r = self.rollout
+            check(
+                r.engine == "sglang",
+                "rollout.engine",
+                "must be 'sglang' for cluster.placement 'disaggregated'",
+            )
+            check(
+                not r.urls,
+                "rollout.urls",
+                "must be empty for cluster.placement 'disaggregated' (the URLs come from the engine nodes)",
+            )
+            check(
+                r.weight_sync.transport != "tensor",
+                "rollout.weight_sync.transport",
+                "'tensor' needs engines on the trainer's node; cluster.placement 'disaggregated' needs "
+                "'distributed' or 'disk'",
+            )
         if self.model.path is None and self.model.tiny.architecture == "qwen3":
             check(
                 self.parallel.ep == 1, "parallel.ep", "needs a MoE model (model.tiny.architecture is 'qwen3')"

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megatron_sapo.data import PromptRecord, load_records, render_prompt
 from megatron_sapo.data.synthetic import ArithmeticTask
+from megatron_sapo.launch import Launch, check_parallel_layout, engine_urls, resolve
 from megatron_sapo.rollout import SamplingParams
 from megatron_sapo.run_config import JobConfig
 from megatron_sapo.utils.spawn import free_port
@@ -29,22 +30,34 @@ log = logging.getLogger(__name__)
 
 
 # ---- processes ---------------------------------------------------------------------------------
-def init_distributed(cfg: JobConfig) -> None:
-    """All ranks: torch.distributed (torchrun/srun env, or a 1-process group) + megatron parallel state."""
+def init_distributed(cfg: JobConfig) -> Launch:
+    """All processes: where this one runs (`launch.resolve`); trainers also join torch.distributed
+    (env://, from srun / torchrun / nothing) and build megatron's parallel state. Engine-node processes
+    of a disaggregated run return at once (they never join the trainers' group)."""
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=cuda)
+    if launch.role == "engine":
+        return launch
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
-    p = cfg.parallel
-    world = dist.get_world_size()
-    if world % (p.tp * p.pp) or (world // (p.tp * p.pp)) * p.tp % ((p.etp or p.tp) * p.ep):
-        raise ValueError(
-            f"parallel: tp={p.tp} pp={p.pp} ep={p.ep} etp={p.etp} do not fit {world} ranks "
-            "(tp*pp must divide the ranks, and etp*ep the ranks of one pipeline stage)"
+        port = launch.master_port or free_port()
+        if (os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")) != (launch.master_addr, str(port)):
+            # our own rendezvous, not torchrun's agent store (disaggregated renumbering)
+            os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        os.environ.update(
+            RANK=str(launch.rank),
+            WORLD_SIZE=str(launch.world_size),
+            LOCAL_RANK=str(launch.local_rank),
+            LOCAL_WORLD_SIZE=str(launch.local_world_size),
+            MASTER_ADDR=launch.master_addr,
+            MASTER_PORT=str(port),
         )
+        if cuda:  # srun --gpus-per-task shows each task one device
+            torch.cuda.set_device(launch.local_rank % cuda)
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+    check_parallel_layout(cfg.parallel, dist.get_world_size())
+    p = cfg.parallel
+    if dist.get_rank() == 0:
+        log.warning("%s; layout tp=%d pp=%d ep=%d etp=%s", launch.describe(), p.tp, p.pp, p.ep, p.etp or p.tp)
     if torch.cuda.is_available():
         from megatron.core import parallel_state, tensor_parallel
 
@@ -62,6 +75,7 @@ def init_distributed(cfg: JobConfig) -> None:
         init_megatron_cpu(tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp, seed=cfg.run.seed)
     random.seed(cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
+    return launch
 
 
 # ---- model -------------------------------------------------------------------------------------
@@ -201,25 +215,54 @@ def load_data(cfg: JobConfig, tokenizer: Any) -> RunData:
 
 
 # ---- engine, rewards, eval --------------------------------------------------------------------
-def build_engine(cfg: JobConfig, hf_dir: Path, out: Path) -> Any:
-    """Rank 0: the rollout engine: launched SGLang servers, given URLs, or the in-process engine."""
+def build_engine(cfg: JobConfig, hf_dir: Path, out: Path, launch: Launch) -> Any:
+    """Rank 0: the rollout engine: the engine nodes' servers (disaggregated), given URLs, servers
+    launched on this node (colocated), or the in-process engine."""
     r = cfg.rollout
     if r.engine == "transformers":
         from megatron_sapo.rollout.hf_engine import TransformersEngine
 
         return TransformersEngine(str(hf_dir), seed=cfg.run.seed)
+    from megatron_sapo.engine_nodes import server_configs, wait_for_engines
     from megatron_sapo.rollout import SGLangEngine, SGLangServer
 
+    if launch.engine_nodes:
+        urls = engine_urls(launch, cfg.cluster)
+        wait_for_engines(urls, r.server.startup_timeout)
+        return SGLangEngine(urls, model_path=str(hf_dir))
     if r.urls:
         return SGLangEngine(r.urls, model_path=str(hf_dir))
     server_config = r.server_config(str(hf_dir))
     server_config.log_dir = server_config.log_dir or str(out / "logs")
-    servers = [SGLangServer(dataclasses.replace(server_config)) for _ in range(r.num_engines)]
+    servers = [SGLangServer(c) for c in server_configs(server_config, r.num_engines)]
     for s in servers:  # all load in parallel, then wait for each
         s.launch()
     for s in servers:
         s.wait_ready(s.config.startup_timeout)
     return SGLangEngine(servers)
+
+
+def weight_sync_config(cfg: JobConfig, launch: Launch) -> Any:
+    """The weight sync settings; "distributed" to engine nodes meets at trainer rank 0's node.
+
+    The node's name, not its address here: the engines resolve it on their side (a name that maps to
+    127.0.1.1 in this node's /etc/hosts still reaches this node from the others)."""
+    ws = cfg.rollout.weight_sync
+    if launch.engine_nodes and ws.transport == "distributed" and ws.master_address == "127.0.0.1":
+        return dataclasses.replace(ws, master_address=launch.master_addr)
+    return ws
+
+
+def colocated_gpu_engine(cfg: JobConfig, engine: Any) -> bool:
+    """Rank 0: the engine's servers share this node's GPUs with the trainers (their memory is lent)."""
+    from megatron_sapo.rollout import SGLangEngine
+
+    return (
+        isinstance(engine, SGLangEngine)
+        and cfg.cluster.placement == "colocated"
+        and cfg.rollout.server.device == "cuda"
+        and all(e.server is not None for e in engine.endpoints)
+    )
 
 
 def build_reward_runner(cfg: JobConfig) -> Any:

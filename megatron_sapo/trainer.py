@@ -9,7 +9,11 @@ timeout is a 0 reward and a counted warning), group-normalised advantages, optio
 (drop groups whose rewards are all equal, sample more prompts), trainer-side pi_old log-probs, the
 loss's mini-batch updates, weight sync to the engines + the log-prob mismatch guard, periodic greedy
 eval, one metrics.jsonl row, checkpoints. Resuming: rerun the same command; it continues from the newest
-checkpoint in <output_dir>/checkpoints. The run parts (model set-up, data, evaluation, outputs) live in
+checkpoint in <output_dir>/checkpoints. Where each process runs (srun / torchrun / alone; colocated or
+disaggregated engines) is `launch.py`; engine-node processes of a disaggregated run serve SGLang
+(`engine_nodes.py`) instead of training. With several trainer ranks, a launched server that dies is
+restarted by rank 0 with the initial weights and gets the trained ones at the next weight sync only (the
+export is collective, so a restart hook on rank 0 alone cannot push them). The run parts (model set-up, data, evaluation, outputs) live in
 `megatron_sapo/run_parts.py`. Tests: tests/e2e/test_trainer.py.
 """
 
@@ -27,6 +31,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo import run_parts as parts
+from megatron_sapo.engine_nodes import serve_engine_node, stop_engines_at_exit
+from megatron_sapo.launch import Launch
 from megatron_sapo.losses import group_advantages
 from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -39,8 +45,15 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: JobConfig) -> int:
+    launch = parts.init_distributed(cfg)
+    if launch.role == "engine":  # disaggregated: this node serves SGLang until the trainers stop it
+        return serve_engine_node(cfg, launch)
+    with stop_engines_at_exit(cfg, launch):
+        return _train(cfg, launch)
+
+
+def _train(cfg: JobConfig, launch: Launch) -> int:
     out = Path(cfg.run.output_dir)
-    parts.init_distributed(cfg)
     driver = dist.get_rank() == 0
     hf_dir = parts.prepare_model(cfg, out)
     tokenizer, hf_config = parts.load_tokenizer_and_config(hf_dir)
@@ -62,10 +75,10 @@ def run(cfg: JobConfig) -> int:
 
         load_hf_weights(policy.model, hf_config, hf_dir)
     writer = parts.MetricsWriter(out, cfg, resume_step=start) if driver else None
-    engine = parts.build_engine(cfg, hf_dir, out) if driver else None
+    engine = parts.build_engine(cfg, hf_dir, out, launch) if driver else None
     rewards = parts.build_reward_runner(cfg) if driver else None
     try:
-        sync = WeightSync(engine, policy.model, hf_config, cfg.rollout.weight_sync)
+        sync = WeightSync(engine, policy.model, hf_config, parts.weight_sync_config(cfg, launch))
         if start == 0 and cfg.sft.steps:
             _cold_start(cfg, policy, data, writer)
         sync.sync(version=str(start))
@@ -132,8 +145,11 @@ def _rl_step(
 ) -> dict[str, float]:
     t0 = time.perf_counter()
     payload: list[Any] = [None]
+    lend = dist.get_rank() == 0 and parts.colocated_gpu_engine(cfg, engine)
     if dist.get_rank() == 0:
         payload = [_rollout(cfg, step, engine, rewards, data)]
+        if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
+            engine.release_memory()
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
     rows, stats = payload[0]
@@ -147,6 +163,8 @@ def _rl_step(
     if not math.isfinite(metrics["loss"]):
         log.warning("step %d: non-finite loss %s (its optimizer steps were skipped)", step, metrics["loss"])
     t2 = time.perf_counter()
+    if lend:
+        engine.resume_memory()  # the sync below refills the weights
     metrics.update(sync.sync(version=str(step + 1)))
     if cfg.rollout.guard_prompts:
         probes = data.train_prompt_ids(step * 7919, cfg.rollout.guard_prompts)

@@ -1,0 +1,162 @@
+"""Disaggregated runs: SGLang servers on the engine nodes, and how the trainers find and stop them.
+
+    megatron-sapo train job.yaml cluster.placement=disaggregated cluster.engine_nodes=1   # under srun
+
+On an engine node (launch.role == "engine"), local rank 0 waits for the model the trainers prepare,
+starts `cluster.engines_per_node` SGLang servers bound to the node's address on
+`cluster.engine_port + i`, and keeps them up until trainer rank 0 writes the stop marker
+`<run.output_dir>/engines/stop` (at the end of the run, also after an error); the node's other
+processes exit at once. Trainer rank 0 derives the URLs (`launch.engine_urls`) and waits for their
+/health. The engine nodes read the model and the marker from `run.output_dir`: it must be on a
+filesystem every node shares (the tiny model is built by trainer rank 0 into <output_dir>/hf_init).
+Tests: tests/e2e/test_multirank.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import requests
+
+from megatron_sapo.launch import Launch
+from megatron_sapo.rollout import RolloutError, ServerConfig, SGLangServer
+from megatron_sapo.run_config import JobConfig
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0
+
+
+def stop_marker(cfg: JobConfig) -> Path:
+    return Path(cfg.run.output_dir) / "engines" / "stop"
+
+
+def _marker_state(path: Path) -> tuple[int, str] | None:
+    try:
+        return path.stat().st_mtime_ns, path.read_text()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def stop_engines_at_exit(cfg: JobConfig, launch: Launch) -> Iterator[None]:
+    """Trainer rank 0 of a disaggregated run: write the stop marker when the run ends, however it ends."""
+    try:
+        yield
+    finally:
+        if launch.engine_nodes and launch.rank == 0:
+            path = stop_marker(cfg)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".stop.{os.getpid()}.tmp")
+            tmp.write_text(
+                f"{uuid.uuid4().hex} {time.time()}\n"
+            )  # new content: never mistaken for an old one
+            tmp.replace(path)
+
+
+def serve_engine_node(cfg: JobConfig, launch: Launch) -> int:
+    """An engine node's process: local rank 0 serves until the stop marker appears; the others exit 0."""
+    if launch.local_rank != 0:
+        return 0
+    marker = stop_marker(cfg)
+    # a marker left by an earlier run in this output_dir is not ours: only a change of it counts
+    stale = _marker_state(marker)
+
+    def stopped() -> bool:
+        state = _marker_state(marker)
+        return state is not None and state != stale
+
+    node = launch.nodes[launch.node_rank]
+    model = _wait_for_model(cfg, stopped)
+    if model is None:
+        log.warning("engine node %s: the trainers stopped before the model was ready", node)
+        return 0
+    servers = _launch_servers(cfg, node, model, launch)
+    try:
+        for s in servers:
+            s.wait_ready(s.config.startup_timeout)
+        urls = [f"http://{node}:{s.port}" for s in servers]
+        log.warning("engine node %s: serving %s (bound to %s)", node, " ".join(urls), servers[0].config.host)
+        while not stopped():
+            dead = [s.url for s in servers if not s.alive()]
+            if dead:
+                raise RolloutError(
+                    f"engine node {node}: SGLang server(s) {dead} exited; see {servers[0].log_path}"
+                )
+            time.sleep(POLL_S)
+    finally:
+        for s in servers:
+            s.stop()
+    return 0
+
+
+def _wait_for_model(cfg: JobConfig, stopped: Callable[[], bool]) -> Path | None:
+    """The HF directory the servers load: model.path, or the tiny model trainer rank 0 writes."""
+    path = Path(cfg.model.path) if cfg.model.path else Path(cfg.run.output_dir) / "hf_init"
+    timeout = cfg.rollout.server.startup_timeout
+    deadline = time.monotonic() + timeout
+    while not (path / "config.json").is_file():
+        if stopped():
+            return None
+        if time.monotonic() > deadline:
+            raise RolloutError(
+                f"engine node: no {path / 'config.json'} after {timeout:.0f} s (rollout.server.startup_timeout); "
+                "run.output_dir must be on a filesystem shared by all nodes"
+            )
+        time.sleep(POLL_S)
+    return path
+
+
+def server_configs(base: ServerConfig, count: int, *, first_port: int | None = None) -> list[ServerConfig]:
+    """`count` servers of one node: on GPUs server i takes the node's GPUs [i*tp, (i+1)*tp); with
+    `first_port` server i listens on first_port + i (else each picks a free port)."""
+    configs = []
+    for i in range(count):
+        extra = list(base.extra_args)
+        if base.device == "cuda" and i:
+            extra += ["--base-gpu-id", str(i * base.tp_size)]
+        port = base.port if first_port is None else first_port + i
+        configs.append(dataclasses.replace(base, port=port, extra_args=extra))
+    return configs
+
+
+def _launch_servers(cfg: JobConfig, node: str, model: Path, launch: Launch) -> list[SGLangServer]:
+    base = cfg.rollout.server_config(str(model))
+    base.host = socket.gethostbyname(node)
+    if ipaddress.ip_address(base.host).is_loopback:
+        # a node name mapped to 127.0.1.1 in /etc/hosts (Debian's default) would hide the servers from
+        # the other nodes: listen everywhere instead
+        base.host = "0.0.0.0"
+    base.log_dir = base.log_dir or str(Path(cfg.run.output_dir) / "logs" / node)
+    configs = server_configs(base, cfg.cluster.engines_per_node, first_port=cfg.cluster.engine_port)
+    servers = [SGLangServer(c) for c in configs]
+    for s in servers:  # all load in parallel
+        s.launch()
+    return servers
+
+
+def wait_for_engines(urls: list[str], timeout: float) -> None:
+    """Trainer rank 0: block until every engine answers /health; RolloutError naming the first that does not."""
+    deadline = time.monotonic() + timeout
+    for url in urls:
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=5.0).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RolloutError(
+                    f"SGLang engine {url} not healthy after {timeout:.0f} s (rollout.server.startup_timeout); "
+                    "see the engine node's log under <run.output_dir>/logs/<node>"
+                )
+            time.sleep(POLL_S)

@@ -1,0 +1,164 @@
+"""Multi-process `megatron-sapo train` on one machine: the launcher's paths, end to end (CPU, gloo).
+
+- two trainer ranks (parallel.ep=2), started by torchrun and by an srun-like environment (what srun sets
+  for a 2-node × 1-task step): both finish the planned steps and write the same metrics keys;
+- disaggregated: two "nodes" under an srun-like environment, "localhost" trains and "127.0.0.1" serves a
+  real SGLang CPU server that the trainer finds by its URL, updates with the "distributed" transport
+  and stops through the stop marker; 2 RL steps, the engine serves the trained weights each step;
+- a layout that does not fit the processes is one error line naming the setting (exit 2).
+Run: `python -m pytest tests/e2e/test_multirank.py -q` (~3 min on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_sapo.utils.spawn import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAIN = ["-m", "megatron_sapo.cli", "train", str(ROOT / "configs/quickstart.yaml")]
+TINY = [
+    "run.steps=2",
+    "sft.steps=2",
+    "rollout.prompts_per_step=2",
+    "rollout.samples_per_prompt=4",
+    "rollout.sampling.max_new_tokens=6",
+    "rollout.guard_prompts=1",
+    "loss.mini_batches=2",
+    "data.synthetic.n_train=16",
+    "data.synthetic.n_eval=4",
+    "run.eval_every=2",
+]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any launcher's variables (the tests may themselves run under one)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM", "TORCHELASTIC")) and k not in LAUNCH_VARS
+    }
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
+def fake_srun(nodes: list[str], procid: int, job_id: int) -> dict[str, str]:
+    """What srun sets for task `procid` of a step with one task on each of `nodes`."""
+    return {
+        "SLURM_JOB_ID": str(job_id),
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_NODELIST": ",".join(nodes),
+        "SLURM_NTASKS": str(len(nodes)),
+        "SLURM_TASKS_PER_NODE": f"1(x{len(nodes)})",
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": str(procid),
+        "SLURMD_NODENAME": nodes[procid],
+    }
+
+
+def run_all(cmds: list[list[str]], envs: list[dict[str, str]], timeout: float = 900) -> list[tuple[int, str]]:
+    """Start every command at once (they rendezvous), wait for all; (exit code, stderr tail) each."""
+    procs = [
+        subprocess.Popen(
+            c, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
+        for c, e in zip(cmds, envs, strict=True)
+    ]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err[-3000:]) for p, err in zip(procs, errs, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_trainer_ranks(launcher: str, tmp_path: Path) -> None:
+    args = [f"run.output_dir={tmp_path}", *TINY, "parallel.ep=2", "rollout.engine=transformers"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+        cmd += ["--master-port", str(free_port()), *TRAIN, *args]
+        results = run_all([cmd], [clean_env()])
+    else:  # two "nodes" of one task each; the rendezvous port comes from cluster.master_port
+        nodes = ["localhost", "127.0.0.1"]
+        cmd = [sys.executable, *TRAIN, *args, f"cluster.master_port={free_port()}"]
+        envs = [clean_env() | fake_srun(nodes, i, job_id=4242) for i in range(2)]
+        results = run_all([cmd, cmd], envs)
+    for code, err in results:
+        assert code == 0, err
+    r = rows(tmp_path)
+    assert [x["step"] for x in r] == [0, 1, 2]
+    for x in r[1:]:
+        for key in ("reward/mean", "loss", "grad_norm", "sync/bytes", "sync/logprob_diff_max"):
+            assert key in x, (key, x)
+        assert x["sync/logprob_diff_max"] < 1e-4
+    assert "eval/accuracy" in r[0] and "eval/accuracy" in r[2]
+    assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_disaggregated_engine_node_with_real_sglang(tmp_path: Path) -> None:
+    nodes = ["localhost", "127.0.0.1"]  # distinct names, both resolve here: node 0 trains, node 1 serves
+    engine_port, master_port = free_port(), free_port()
+    cmd = [
+        sys.executable,
+        *TRAIN,
+        f"run.output_dir={tmp_path}",
+        *TINY,
+        "cluster.placement=disaggregated",
+        "cluster.engine_nodes=1",
+        f"cluster.engine_port={engine_port}",
+        f"cluster.master_port={master_port}",
+        "rollout.weight_sync.transport=distributed",
+    ]
+    envs = [clean_env() | fake_srun(nodes, i, job_id=4343) for i in range(2)]
+    (trainer_code, trainer_err), (engine_code, engine_err) = run_all([cmd, cmd], envs)
+    assert trainer_code == 0, trainer_err
+    assert engine_code == 0, engine_err  # stopped through the marker, not killed
+    assert (
+        "launch: slurm, 2 node(s) (localhost,127.0.0.1), engine nodes 127.0.0.1, 1 trainer rank(s)"
+        in trainer_err
+    )
+    assert f"serving http://127.0.0.1:{engine_port}" in engine_err
+    assert (tmp_path / "engines" / "stop").is_file()
+    assert list((tmp_path / "logs" / "127.0.0.1").glob(f"sglang-{engine_port}.log"))
+    assert not list((tmp_path / "logs").glob("sglang-*.log"))  # the trainer launched no server itself
+    r = rows(tmp_path)
+    assert [x["step"] for x in r] == [0, 1, 2]
+    # the cold start moved the weights before the first sync, so a sync that did not reach the server
+    # would show the initial model's log-probs here
+    assert all(x["sync/logprob_diff_max"] < 1e-4 and x["sync/bytes"] > 0 for x in r[1:])
+    from safetensors.torch import load_file
+
+    final = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(f).items()}
+    start = {k: v for f in (tmp_path / "hf_init").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert any(not torch.equal(v, start[k]) for k, v in final.items())
+
+
+def test_layout_that_does_not_fit_is_one_error_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, *TRAIN, f"run.output_dir={tmp_path}", "parallel.tp=2"],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "megatron-sapo train: error: parallel.tp x parallel.pp = 2 x 1 = 2 does not divide"
+    )
+    assert "Traceback" not in proc.stderr
