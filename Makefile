@@ -43,9 +43,14 @@ test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLa
 test-fast: $(VENV)/.stamp-dev  ## unit tier only
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
-lint: $(VENV)/.stamp-dev  ## ruff check + format check
+# Every shell script under examples/ and tools/ (tests/slurm/test_shellcheck.py checks the same set).
+SHELL_SCRIPTS = $(shell find examples tools -type f \( -name '*.sh' -o -name '*.sbatch' \) | sort)
+
+lint: $(VENV)/.stamp-dev  ## ruff check + format check + shellcheck
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@command -v shellcheck >/dev/null || { echo "shellcheck is missing: apt-get install -y shellcheck" >&2; exit 1; }
+	shellcheck $(SHELL_SCRIPTS)
 
 format: $(VENV)/.stamp-dev  ## ruff fix + format
 	$(VENV)/bin/ruff check --fix .

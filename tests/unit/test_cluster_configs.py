@@ -1,0 +1,53 @@
+"""The cluster configs (configs/qwen3_*_sapo.yaml) load, keep the SAPO paper's settings, and their
+parallel layouts fit the trainer world sizes their launch scripts give them (docs/multinode.md).
+
+Run: `python -m pytest tests/unit/test_cluster_configs.py -q`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron_sapo.config import load_config
+from megatron_sapo.launch import check_parallel_layout
+from megatron_sapo.run_config import JobConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# config -> (overrides the sbatch script adds, trainer world size): 30B-A3B on 4 nodes x 8 GPUs
+# disaggregated (3 train nodes) and colocated (examples/slurm/qwen3_30b_a3b_sapo.sbatch), 8B on 1 node
+CASES = {
+    "30b-disaggregated": ("qwen3_30b_a3b_sapo.yaml", [], 24),
+    "30b-colocated": (
+        "qwen3_30b_a3b_sapo.yaml",
+        [
+            "cluster.placement=colocated",
+            "cluster.engine_nodes=0",
+            "rollout.num_engines=2",
+            "rollout.server.tp_size=4",
+            "rollout.server.mem_fraction_static=0.45",
+            "rollout.weight_sync.transport=tensor",
+        ],
+        32,
+    ),
+    "8b-colocated": ("qwen3_8b_sapo.yaml", [], 8),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cluster_config_loads_and_fits(case: str) -> None:
+    name, overrides, world = CASES[case]
+    cfg = load_config(JobConfig, ROOT / "configs" / name, overrides)
+    check_parallel_layout(cfg.parallel, world)
+    assert cfg.loss.name == "sapo" and cfg.loss.mini_batches == 4
+    assert cfg.loss.params == {"tau_pos": 1.0, "tau_neg": 1.05}
+    assert cfg.loss.aggregation == "seq-mean-token-mean"
+    assert cfg.model.dtype == "bfloat16" and cfg.rollout.server.device == "cuda"
+    assert cfg.rollout.sampling.temperature == 1.0 and cfg.rollout.sampling.top_p == 1.0
+    if cfg.cluster.placement == "colocated":
+        # the engines run on trainer rank 0's node: they must fit its GPUs
+        assert cfg.rollout.num_engines * cfg.rollout.server.tp_size <= cfg.cluster.gpus_per_node
+    else:
+        assert cfg.cluster.engines_per_node * cfg.rollout.server.tp_size <= cfg.cluster.gpus_per_node
