@@ -3,7 +3,9 @@
 - a plain 2-node `srun` step runs one task on each emulated node (the cluster itself works);
 - tiny_cpu.sbatch (2 nodes x 1 task: 2 trainer ranks with EP=2, a colocated SGLang CPU server)
   COMPLETES with exit code 0:0, its metrics.jsonl has the planned RL steps, and the launcher's log line
-  shows one world of 2 ranks across node1 and node2.
+  shows one world of 2 ranks across node1 and node2;
+- the same script with cluster.placement=disaggregated: node1 trains (1 rank), node2 only serves the
+  SGLang engine, which the trainer finds by itself and syncs over the "distributed" transport.
 Run: `python -m pytest tests/slurm/test_tiny_cpu.py -q -rs` as root (~2-4 min on 2 cores).
 """
 
@@ -39,25 +41,31 @@ def test_two_node_step_runs_one_task_per_node(slurm_cluster: LocalSlurm, tmp_pat
     assert lines == ["0: 0/2 node1 hi", "1: 1/2 node2 hi"], lines
 
 
-def test_tiny_cpu_sbatch_trains_across_two_nodes(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    export = {
+def _export(out: Path) -> dict[str, str]:
+    return {
         "MEGATRON_SAPO_HOME": str(ROOT),
         "VENV": sys.prefix,  # the interpreter running the tests has megatron-sapo installed
         "OUTPUT_DIR": str(out),
         "STEPS": str(STEPS),
         "GLOO_SOCKET_IFNAME": "lo",  # both "nodes" are this machine, whatever its hostname resolves to
     }
-    job = slurm_cluster.submit([str(TINY)], cwd=ROOT, export=export, output=log)
-    info = slurm_cluster.wait(job, timeout=900)
-    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (info, _tail(log))
-    assert info.get("NodeList") == "node[1-2]" and info.get("NumNodes") == "2", info
 
+
+def _check_metrics(out: Path) -> None:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["step"] > 0] == list(range(1, STEPS + 1)), rows
     for r in rows[1:]:
         assert "loss" in r and "reward/mean" in r, r
         assert r["sync/logprob_diff_max"] < 1e-4, r  # the SGLang server serves the updated weights
+
+
+def test_tiny_cpu_sbatch_trains_across_two_nodes(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = slurm_cluster.submit([str(TINY)], cwd=ROOT, export=_export(out), output=log)
+    info = slurm_cluster.wait(job, timeout=900)
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (info, _tail(log))
+    assert info.get("NodeList") == "node[1-2]" and info.get("NumNodes") == "2", info
+    _check_metrics(out)
 
     text = log.read_text()
     # trainer rank 0 logs where it runs (megatron_sapo/launch.py, Launch.describe): one world of 2 ranks
@@ -67,3 +75,23 @@ def test_tiny_cpu_sbatch_trains_across_two_nodes(slurm_cluster: LocalSlurm, tmp_
     assert "2 node(s) (node1,node2)" in launch[0] and "2 trainer rank(s) (1 per node)" in launch[0], launch
     assert "ep=2" in launch[0], launch
     assert any(x.startswith("1: ") for x in text.splitlines()), "task 1 (node2) wrote nothing"
+
+
+def test_tiny_cpu_sbatch_disaggregated(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    placement = [
+        "cluster.placement=disaggregated",
+        "cluster.engine_nodes=1",
+        "parallel.ep=1",  # one trainer rank on node1
+        "rollout.weight_sync.transport=distributed",
+    ]
+    job = slurm_cluster.submit([str(TINY), *placement], cwd=ROOT, export=_export(out), output=log)
+    info = slurm_cluster.wait(job, timeout=900)
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (info, _tail(log))
+    _check_metrics(out)
+    launch = [x for x in log.read_text().splitlines() if "launch: slurm" in x]
+    assert launch and "engine nodes node2" in launch[0] and "1 trainer rank(s)" in launch[0], launch
+    # the engine ran on node2 (its log dir), the trainer launched no server of its own
+    assert list((out / "logs" / "node2").glob("sglang-*.log")), _tail(log)
+    assert not list((out / "logs").glob("sglang-*.log")), "the trainer node launched a server too"
+    assert (out / "engines" / "stop").is_file()  # the trainer stopped the engine node at the end
