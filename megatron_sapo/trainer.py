@@ -118,8 +118,12 @@ def _train(cfg: JobConfig, launch: Launch) -> int:
 def _cold_start(cfg: JobConfig, policy: PolicyEngine, data: parts.RunData, writer: Any) -> None:
     """Supervised cold start: a policy-gradient step with advantage 1 at ratio 1 is exactly the gradient of
     the mean token log-likelihood of the demonstrations (one on-policy mini-batch per step)."""
-    train_config = policy.train_config
+    train_config, routing = policy.train_config, policy.routing
     policy.train_config = replace(train_config, mini_batches=1)
+    # No routing replay: on-policy it replays the experts the router picks anyway, and its rounding-level
+    # differences would make loss.routing_replay change the cold-start model (runs compared by loss
+    # must start from the same one).
+    policy.routing = None
     started = time.perf_counter()
     for step, batch in enumerate(data.sft_batches(cfg.sft.batch_size, cfg.sft.steps, seed=cfg.run.seed)):
         for group in policy.optimizer.param_groups:
@@ -128,7 +132,7 @@ def _cold_start(cfg: JobConfig, policy: PolicyEngine, data: parts.RunData, write
         metrics = policy.train_step(samples)
         if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
             writer.log_sft(step, metrics, time.perf_counter() - started)
-    policy.train_config = train_config
+    policy.train_config, policy.routing = train_config, routing
     # the RL schedule (warm-up included) starts after the cold start
     policy.scheduler.num_steps = 0
     policy.scheduler.step(increment=0)
