@@ -18,7 +18,9 @@ DIAGNOSTICS = (
     "sapo/w_mean",
     "sapo/w_below_half_frac",
     "log_ratio/abs_mean",
-    "clip/fraction",
+    "log_ratio/seq_var_mean",
+    "grpo/clip_frac",
+    "gspo/clip_frac",
     "sync/logprob_diff_max",
 )
 
