@@ -136,14 +136,29 @@ class SGLangServer:
             )
 
     def wait_ready(self, timeout: float) -> None:
+        """Wait for /health of *this* server (the model it reports is ours). A free port picked at
+        construction can be taken by another process before SGLang binds it (start-up takes 20 s to
+        minutes on a loaded machine): then it relaunches on a new free port, up to 3 times."""
         deadline = time.monotonic() + timeout
+        port_retries = 0
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
+                if not self.config.port and port_retries < 3 and self._port_was_taken():
+                    port_retries += 1
+                    old, self.port = self.port, free_port()
+                    log.warning(
+                        "SGLang: port %d was taken before the server bound it; relaunching on %d",
+                        old,
+                        self.port,
+                    )
+                    self._proc = None
+                    self.launch()
+                    continue
                 raise RolloutError(
                     f"SGLang server {self.url} exited with code {self._proc.returncode} during start-up; "
                     f"log {self.log_path}:\n{self.log_tail()}"
                 )
-            if self.healthy(timeout=2.0):
+            if self.healthy(timeout=2.0) and self._serves_our_model():
                 log.info("SGLang on %s is ready", self.url)
                 return
             time.sleep(0.5)
@@ -151,6 +166,22 @@ class SGLangServer:
         raise RolloutError(
             f"SGLang server {self.url} not healthy after {timeout:.0f} s; log {self.log_path}:\n{self.log_tail()}"
         )
+
+    def _port_was_taken(self) -> bool:
+        """Whether the last start-up failed to bind its port (SGLang logs it, then shuts down)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return False
+        return "address already in use" in text[text.rfind("==== start") :]
+
+    def _serves_our_model(self) -> bool:
+        """Whether the server answering on our port loaded our model (not another process's server)."""
+        try:
+            info = requests.get(f"{self.url}/model_info", timeout=5.0).json()
+        except (requests.RequestException, ValueError):
+            return False
+        return info.get("model_path") == self.model_path
 
     def healthy(self, timeout: float = 5.0) -> bool:
         try:

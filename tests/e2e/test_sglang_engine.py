@@ -7,6 +7,7 @@ Run: `python -m pytest tests/e2e/test_sglang_engine.py -q` (starts two tiny serv
 from __future__ import annotations
 
 import pytest
+import requests
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -117,3 +118,24 @@ def test_memory_release_is_refused_on_cpu(reset_weights) -> None:
         engine.release_memory()
     with pytest.raises(RolloutError, match="GPU-only"):
         engine.resume_memory()
+
+
+def test_a_port_taken_before_binding_relaunches_elsewhere(sglang_servers, tiny_models, tmp_path) -> None:
+    """The free port a server picks can be taken before SGLang binds it (start-up is slow on a busy
+    machine). Here another SGLang server holds it and answers /health: it must not be taken for ours
+    (it serves another model), and ours relaunches on a new port once its bind failed."""
+    from megatron_sapo.rollout.server import ServerConfig, SGLangServer
+
+    taken = sglang_servers["dense"].port
+    server = SGLangServer(ServerConfig(model_path=str(tiny_models["moe"]), log_dir=str(tmp_path)))
+    server.port = taken  # the race, made certain
+    try:
+        server.start()
+        assert server.port != taken
+        assert requests.get(f"{server.url}/model_info", timeout=5).json()["model_path"] == str(
+            tiny_models["moe"]
+        )
+        assert "address already in use" in server.log_path.read_text()
+    finally:
+        server.stop()
+    assert sglang_servers["dense"].healthy()  # the other server was left alone
