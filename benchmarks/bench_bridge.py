@@ -10,7 +10,7 @@ the bucket would. Export GB/s = HF bytes received on rank 0 / wall time of the w
 of bytes between two pre-touched buffers (torch's default threads, same run, median over `--reps`); the
 ratio export / memcpy is printed (target >= 0.3). Rank 0's peak extra RSS during the export (VmHWM
 after `/proc/self/clear_refs`, above the post-build RSS) is printed too: the bridge promises one bucket
-plus one gathered parameter.
+plus one gathered parameter; the drain drops each bucket before asking for the next, as the bridge asks.
 
 (b) Converters: a random Qwen3 HF model of each `--convert-gb` size (default 1.5 GB) is saved with
 `save_pretrained(max_shard_size=--max-shard)` (default 500MB, so there are several shards), then
@@ -118,6 +118,7 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
                     buffer[offset : offset + flat.numel()].copy_(flat)
                     offset += flat.numel()
                 received += offset
+                bucket = tensor = flat = None  # loop variables would keep this bucket alive during the next
             times.append(time.perf_counter() - t0)
             peaks.append((_status_kb("VmHWM") - base_kb) << 10)
         out["runs"][mib] = {"bytes": received, "times": times, "peak_extra": max(peaks)}

@@ -7,17 +7,28 @@ same points, so all ranks yield the same number of times:
     for bucket in export_hf_weights(model_chunks, hf_config, bucket_bytes=512 << 20, dst_ranks=(0,)):
         if bucket:
             send_to_sglang(bucket)          # [(name, tensor)], sum of bytes <= bucket_bytes
+        del bucket                          # before the next one is filled (see the memory bound)
 
 How: the PP stages exchange the list of HF tensors they hold (names, shapes, dtypes) once; then stage by
 stage, parameter by parameter, the stage's ranks all-gather one parameter over its TP (expert-TP for
 experts) group and its experts over the EP group, convert it with the architecture's mapping table, and
 the stage's rank in a destination's PP group sends it point-to-point to that destination. Bucket
-boundaries are planned from the metadata, so they agree on every rank. Extra memory per rank: one
-bucket plus one gathered parameter. Vocab padding rows are dropped; a tied output layer is not
-exported (only `model.embed_tokens.weight`); experts use per-expert checkpoint names.
+boundaries are planned from the metadata, so they agree on every rank.
+
+Extra memory per rank: one bucket plus one gathered parameter. A parameter that would overflow the open
+bucket starts a new one, which is yielded before the gather. Shards are gathered in row chunks of at
+most 16 MiB (and bucket_bytes / 8) through one reused staging buffer, then copied into their place in
+the full tensor (a one-shot gloo all_gather would stage the whole output in a flat buffer of its own);
+the HF tensors are views of it, except fused QKV's q/k/v (copies). Vocab padding rows are dropped; a
+tied output layer is not exported (only `model.embed_tokens.weight`); experts use per-expert
+checkpoint names.
+
+The bound counts one bucket: drop each bucket before asking for the next (`del bucket` at the end of a
+`for` body; a loop variable otherwise keeps the previous bucket alive while the next one is filled).
 
 Tensors keep the parameters' dtype and device and may alias parameters (TP=1): consume a bucket before
-the next optimizer step. Tests: `python -m pytest tests/distributed/test_bridge.py -q`
+the next optimizer step. Tests: `python -m pytest tests/distributed/test_bridge.py
+tests/distributed/test_export_memory.py -q`
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from megatron_sapo.bridge.mapping import MappingTable
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 512 << 20
+GATHER_CHUNK_BYTES = 16 << 20
 
 # One HF tensor of a stage: (name, shape, dtype).
 TensorMeta = tuple[str, tuple[int, ...], torch.dtype]
@@ -71,35 +83,79 @@ def _unit_meta(lp: LocalParam, table: MappingTable, groups: ParallelGroups) -> l
     ]
 
 
+class _Staging:
+    """One reusable buffer that every collective gathers into before its rows are copied into place.
+
+    The destination never reaches the backend: gloo's worker thread can hold a finished collective's
+    output tensors a little longer than `wait()`, which would keep the previous parameter alive while
+    the next one is allocated. Allocated on first use.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes, self.buffer = nbytes, None
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        nbytes = torch.Size(shape).numel() * like.element_size()
+        if nbytes > self.nbytes:  # one row set above the chunk size: a one-off buffer
+            return like.new_empty(shape)
+        if self.buffer is None:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=like.device)
+        return self.buffer[:nbytes].view(like.dtype).view(shape)
+
+
+def _gather_rows(out: torch.Tensor, piece: torch.Tensor, group: dist.ProcessGroup, staging: _Staging) -> None:
+    """out[r] = rank r's `piece` over `group`; `out` [n, rows, *tail] may be a strided view, `piece`
+    [rows, *tail]. Row chunks of at most the staging buffer's size per collective."""
+    n, rows, tail = out.shape[0], out.shape[1], tuple(out.shape[2:])
+    step = max(1, staging.nbytes // max(1, n * torch.Size(tail).numel() * piece.element_size()))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        staged = staging.take((n * (stop - start), *tail), piece)
+        dist.all_gather_into_tensor(staged, piece[start:stop].contiguous(), group=group)
+        out[:, start:stop].copy_(staged.view(n, stop - start, *tail))
+        del staged
+
+
 @torch.no_grad()
-def _gather(lp: LocalParam, table: MappingTable, groups: ParallelGroups) -> list[torch.Tensor]:
-    """Full HF tensors of one parameter, in `_unit_meta` order (collective over TP / expert-TP and EP)."""
-    tensor = lp.param.detach()
+def _gather(
+    lp: LocalParam, table: MappingTable, groups: ParallelGroups, staging: _Staging
+) -> list[torch.Tensor]:
+    """Full HF tensors of one parameter, in `_unit_meta` order (collective over TP / expert-TP and EP).
+
+    Extra memory: the full (TP- and EP-gathered) tensor, plus q/k/v copies for fused QKV.
+    """
+    full = lp.param.detach()
     tp = group_size(lp.tp_group)
     if lp.mapping.split is not None and tp > 1:
-        # One [tp, *shard] stack is the only full-size temporary (a list all_gather plus torch.cat held
-        # two); split-0 tensors are then a view of it.
-        flat = tensor.new_empty((tp * tensor.shape[0], *tensor.shape[1:]))  # gloo wants the dim-0 concat
-        dist.all_gather_into_tensor(flat, tensor.contiguous(), group=lp.tp_group)
-        stacked = flat.view(tp, *tensor.shape)
-        del flat
-        tensor = lp.mapping.merge_tp(stacked)
-        del stacked
-    fulls = [tensor]
+        shard, start = full, 0
+        full = shard.new_empty(lp.mapping.full_shape(tuple(shard.shape), tp))
+        for view in lp.mapping.tp_views(full, tp):
+            _gather_rows(view, shard[start : start + view.shape[1]], lp.tp_group, staging)
+            start += view.shape[1]
+    fulls = [full]
     if lp.mapping.is_expert and group_size(groups.ep) > 1:
-        fulls = [torch.empty_like(tensor) for _ in range(group_size(groups.ep))]
-        dist.all_gather(fulls, tensor.contiguous(), group=groups.ep)
+        stacked = full.new_empty((group_size(groups.ep), *full.shape))
+        _gather_rows(stacked, full, groups.ep, staging)
+        fulls = list(stacked.unbind(0))
+    del full
     return [out.contiguous() for full in fulls for out in lp.mapping.to_hf(full, table.dims)]
 
 
-def plan_buckets(metas: Sequence[TensorMeta], bucket_bytes: int) -> list[bool]:
-    """Per tensor: whether a new bucket starts before it (a tensor above the limit gets its own bucket)."""
+def plan_buckets(units: Sequence[Sequence[TensorMeta]], bucket_bytes: int) -> list[bool]:
+    """Per tensor (units flattened): whether a new bucket starts before it.
+
+    A unit (the HF tensors of one gathered parameter) that would overflow the open bucket starts a new
+    one, so the bucket is flushed before the parameter is gathered; within a unit larger than the limit
+    tensors are packed one by one (a tensor above the limit gets its own bucket).
+    """
     starts, filled = [], 0
-    for meta in metas:
-        size = _nbytes(meta)
-        new = filled > 0 and filled + size > bucket_bytes
-        starts.append(new)
-        filled = size if new else filled + size
+    for unit in units:
+        unit_bytes = sum(map(_nbytes, unit))
+        for i, meta in enumerate(unit):
+            size = _nbytes(meta)
+            new = filled > 0 and filled + (unit_bytes if i == 0 else size) > bucket_bytes
+            starts.append(new)
+            filled = size if new else filled + size
     return starts
 
 
@@ -137,7 +193,8 @@ def export_hf_weights(
     if len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"bridge export: HF names produced twice: {duplicates[:5]}")
-    starts = iter(plan_buckets(flat, bucket_bytes))
+    starts = iter(plan_buckets([unit for stage in metas_by_stage for unit in stage], bucket_bytes))
+    staging = _Staging(min(GATHER_CHUNK_BYTES, max(1, bucket_bytes // 8)))
 
     is_dst = me in dst_ranks
     # destinations in my PP group at other stages: I forward my stage's tensors to them
@@ -146,9 +203,13 @@ def export_hf_weights(
     bucket: list[tuple[str, torch.Tensor]] = []
     for stage, stage_units in enumerate(metas_by_stage):
         for unit_index, unit in enumerate(stage_units):
+            new_bucket = [next(starts) for _ in unit]
+            if new_bucket[0]:  # flush before gathering: the bucket and the new parameter never add up
+                yield bucket
+                bucket = []
             tensors: list[torch.Tensor | None] = [None] * len(unit)
             if stage == my_stage:
-                tensors = list(_gather(units[unit_index], table, groups))
+                tensors = list(_gather(units[unit_index], table, groups, staging))
                 for dst in forward_to:
                     for tensor in tensors:
                         dist.send(tensor, dst)
@@ -157,12 +218,13 @@ def export_hf_weights(
                 for _, shape, dtype in unit:
                     tensors.append(torch.empty(shape, dtype=dtype, device=device))
                     dist.recv(tensors[-1], pp_ranks[stage])
-            for (name, _, _), tensor in zip(unit, tensors, strict=True):
-                if next(starts):
+            for i, (name, _, _) in enumerate(unit):
+                if i > 0 and new_bucket[i]:
                     yield bucket
                     bucket = []
                 if is_dst:
-                    bucket.append((name, tensor))
+                    bucket.append((name, tensors[i]))
+                tensors[i] = None
             del tensors
     yield bucket
     if is_dst:

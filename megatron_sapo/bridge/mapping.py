@@ -114,13 +114,25 @@ class Mapping:
         """False when the HF checkpoint has no tensor of its own for this parameter (tied output)."""
         return True
 
+    def tp_views(self, full: torch.Tensor, tp: int) -> list[torch.Tensor]:
+        """Where the TP ranks' shards sit in the full megatron tensor: views `[tp, rows_i, *tail_i]` of
+        `full`, one per consecutive dim-0 block i of a shard (the same blocks on every rank); slot r of
+        view i holds block i of TP rank r's shard. Export gathers straight into them."""
+        return [full.unflatten(self.split, (tp, -1)).movedim(self.split, 0)]
+
     def merge_tp(self, shards: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """The full megatron tensor from the TP ranks' shards, stacked `[tp, *shard]` (or a list) in TP
-        rank order. Split 0 is a view of the stack (no copy): export gathers straight into one stack."""
+        rank order (the inverse of `tp_views`)."""
         stacked = _stack(shards)
         if self.split is None:
             return stacked[0]
-        return stacked.movedim(0, self.split).flatten(self.split, self.split + 1)
+        full = stacked.new_empty(self.full_shape(tuple(stacked.shape[1:]), stacked.shape[0]))
+        start = 0
+        for view in self.tp_views(full, stacked.shape[0]):
+            rows = view.shape[1]
+            view.copy_(stacked[:, start : start + rows].reshape(view.shape))
+            start += rows
+        return full
 
     def to_hf(self, full: torch.Tensor, dims: ModelDims) -> list[torch.Tensor]:
         """HF tensors (in `hf` order) from the full megatron tensor. Works on meta tensors (shapes)."""
@@ -232,10 +244,9 @@ class GatedMLP(Mapping):
     def __init__(self, megatron: str, gate: str, up: str) -> None:
         super().__init__(megatron, (gate, up), 0)
 
-    def merge_tp(self, shards):
-        stacked = _stack(shards)  # [tp, 2·I/tp, *tail]: each rank holds [gate_r; up_r]
-        tp, rows, *tail = stacked.shape
-        return stacked.view(tp, 2, rows // 2, *tail).transpose(0, 1).reshape(2 * tp * (rows // 2), *tail)
+    def tp_views(self, full, tp):
+        # a rank holds [gate_r; up_r]: its gate block goes to the gate half, its up block to the up half
+        return list(full.view(2, tp, -1, *full.shape[1:]))
 
     def to_hf(self, full, dims):
         return list(full.chunk(2, dim=0))
