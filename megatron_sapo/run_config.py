@@ -1,7 +1,9 @@
 """The sections of a `megatron-sapo train` run: one typed dataclass per component, gathered in `JobConfig`.
 
     cfg = load_config(JobConfig, "configs/quickstart.yaml", ["rollout.sampling.temperature=0.7"])
-    engine = PolicyEngine(provider, cfg.optim, cfg.loss.to_train_config(pad_token_id=tok.pad_token_id))
+    temperature = cfg.rollout.sampling.temperature  # the trainer's log-probs are at the rollouts' one
+    train = cfg.loss.to_train_config(pad_token_id=tok.pad_token_id, temperature=temperature)
+    engine = PolicyEngine(provider, cfg.optim, train)
 
 Each component gets only its own section. Sections that already exist next to their component are
 reused as they are: `OptimConfig` (megatron/engine.py), `SamplingParams` (rollout/types.py),
@@ -255,8 +257,9 @@ class LossConfig:
         needed = sorted(k for k, v in accepted.items() if v is None and k not in self.params)
         check(not needed, "params", f"missing parameter {', '.join(needed)} {takes}")
 
-    def to_train_config(self, *, pad_token_id: int) -> TrainConfig:
-        """The engine's `TrainConfig`; `pad_token_id` comes from the tokenizer."""
+    def to_train_config(self, *, pad_token_id: int, temperature: float) -> TrainConfig:
+        """The engine's `TrainConfig`; `pad_token_id` comes from the tokenizer, `temperature` is the
+        rollouts' sampling temperature (`rollout.sampling.temperature`: the trainer's log-probs use it)."""
         return TrainConfig(
             mini_batches=self.mini_batches,
             micro_batch_tokens=self.micro_batch_tokens,
@@ -266,6 +269,7 @@ class LossConfig:
             log_ratio_clamp=self.log_ratio_clamp,
             pad_token_id=pad_token_id,
             routing_replay=self.routing_replay,
+            temperature=temperature,
         )
 
 
@@ -423,10 +427,13 @@ class JobConfig:
             f"{self.loss.mini_batches} does not divide the rollout batch "
             f"(prompts_per_step × samples_per_prompt = {batch})",
         )
+        # 0 (greedy) suits SamplingParams but not training: the trainer's log-probs divide the logits by it.
+        temperature = self.rollout.sampling.temperature
         check(
-            self.rollout.sampling.temperature == 1.0,
+            0 < temperature < float("inf"),
             "rollout.sampling.temperature",
-            "must be 1.0 for now: the trainer's log-probs (pi_old, pi_theta) are at temperature 1",
+            f"must be > 0 and finite for training rollouts (the trainer's log-probs are of "
+            f"softmax(logits / temperature)), got {temperature}",
         )
         if self.cluster.placement == "disaggregated":
             r = self.rollout

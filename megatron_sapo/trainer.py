@@ -11,10 +11,13 @@ loss's mini-batch updates, weight sync to the engines + the log-prob mismatch gu
 eval, one metrics.jsonl row, checkpoints. Resuming: rerun the same command; it continues from the newest
 checkpoint in <output_dir>/checkpoints. Where each process runs (srun / torchrun / alone; colocated or
 disaggregated engines) is `launch.py`; engine-node processes of a disaggregated run serve SGLang
-(`engine_nodes.py`) instead of training. With several trainer ranks, a launched server that dies is
-restarted by rank 0 with the initial weights and gets the trained ones at the next weight sync only (the
-export is collective, so a restart hook on rank 0 alone cannot push them). The run parts (model set-up, data, evaluation, outputs) live in
-`megatron_sapo/run_parts.py`. Tests: tests/e2e/test_trainer.py.
+(`engine_nodes.py`) instead of training. A launched server that dies is restarted by rank 0 with the
+initial weights; no sample, probe or eval answer comes from them: a single-process trainer re-pushes the
+weights from a restart hook and retries; with several ranks the export is collective, so the interrupted
+rollout / guard / eval raises `EngineRestarted` on every rank, all ranks re-sync, and it is redone from
+scratch (`_with_resync`, at most MAX_ENGINE_RESTARTS times per call; counted as rollout/restarts). The run
+parts (model set-up, data, evaluation, outputs) live in `megatron_sapo/run_parts.py`.
+Tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -38,10 +42,14 @@ from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from megatron_sapo.megatron.engine import PolicyEngine
 from megatron_sapo.megatron.models import build_gpt_model
-from megatron_sapo.rollout import SamplingParams, WeightSync, check_weight_sync
+from megatron_sapo.rollout import RolloutError, SamplingParams, WeightSync, check_weight_sync
+from megatron_sapo.rollout.client import EngineRestarted
 from megatron_sapo.run_config import JobConfig
 
 log = logging.getLogger(__name__)
+
+MAX_ENGINE_RESTARTS = 3
+"""Server restarts one rollout / guard / eval call survives (each: re-sync, redo) before the run fails."""
 
 
 def run(cfg: JobConfig) -> int:
@@ -61,7 +69,9 @@ def _train(cfg: JobConfig, launch: Launch) -> int:
     policy = PolicyEngine(
         partial(build_gpt_model, hf_config),
         cfg.optim,
-        cfg.loss.to_train_config(pad_token_id=tokenizer.pad_token_id or 0),
+        cfg.loss.to_train_config(
+            pad_token_id=tokenizer.pad_token_id or 0, temperature=cfg.rollout.sampling.temperature
+        ),
     )
     ckpt_root = out / "checkpoints"
     start = 0
@@ -82,16 +92,19 @@ def _train(cfg: JobConfig, launch: Launch) -> int:
         if start == 0 and cfg.sft.steps:
             _cold_start(cfg, policy, data, writer)
         sync.sync(version=str(start))
-        if driver and cfg.rollout.engine == "sglang" and dist.get_world_size() == 1:
+        if driver:
             sync.resync_on_restart()
+        evaluate = partial(parts.evaluate, cfg, engine, data, rewards)
         if start == 0:
-            acc = parts.evaluate(cfg, engine, data, rewards)
+            acc, _ = _with_resync(partial(_from_driver, evaluate), sync, str(start), "eval")
             if writer:
                 writer.write({"step": 0, **acc})
         for step in range(start, cfg.run.steps):
             row = _rl_step(cfg, step, policy, engine, rewards, data, sync)
             if (cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0) or step + 1 == cfg.run.steps:
-                row.update(parts.evaluate(cfg, engine, data, rewards))
+                acc, restarts = _with_resync(partial(_from_driver, evaluate), sync, str(step + 1), "eval")
+                row.update(acc)
+                row["rollout/restarts"] += restarts
             if writer:
                 writer.write(row)
             if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == cfg.run.steps:
@@ -119,7 +132,8 @@ def _cold_start(cfg: JobConfig, policy: PolicyEngine, data: parts.RunData, write
     """Supervised cold start: a policy-gradient step with advantage 1 at ratio 1 is exactly the gradient of
     the mean token log-likelihood of the demonstrations (one on-policy mini-batch per step)."""
     train_config, routing = policy.train_config, policy.routing
-    policy.train_config = replace(train_config, mini_batches=1)
+    # temperature 1: the likelihood of the model itself, not of the rollouts' tempered distribution
+    policy.train_config = replace(train_config, mini_batches=1, temperature=1.0)
     # No routing replay: on-policy it replays the experts the router picks anyway, and its rounding-level
     # differences would make loss.routing_replay change the cold-start model (runs compared by loss
     # must start from the same one).
@@ -148,15 +162,11 @@ def _rl_step(
     sync: WeightSync,
 ) -> dict[str, float]:
     t0 = time.perf_counter()
-    payload: list[Any] = [None]
     lend = dist.get_rank() == 0 and parts.colocated_gpu_engine(cfg, engine)
-    if dist.get_rank() == 0:
-        payload = [_rollout(cfg, step, engine, rewards, data)]
-        if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
-            engine.release_memory()
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(payload, src=0)
-    rows, stats = payload[0]
+    rollout = partial(_rollout, cfg, step, engine, rewards, data)
+    (rows, stats), restarts = _with_resync(partial(_from_driver, rollout), sync, str(step), "rollout")
+    if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
+        engine.release_memory()
     t_rollout = time.perf_counter() - t0
     samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _ in rows]
     old = policy.compute_logprobs(samples)
@@ -172,27 +182,70 @@ def _rl_step(
     metrics.update(sync.sync(version=str(step + 1)))
     if cfg.rollout.guard_prompts:
         probes = data.train_prompt_ids(step * 7919, cfg.rollout.guard_prompts)
-        metrics.update(
-            check_weight_sync(
-                engine,
-                policy,
-                probes,
-                version=str(step + 1),
-                threshold=cfg.rollout.guard_threshold,
-                seed=cfg.run.seed + step,
-            )
+        guard = partial(
+            check_weight_sync,
+            engine,
+            policy,
+            probes,
+            version=str(step + 1),
+            threshold=cfg.rollout.guard_threshold,
+            seed=cfg.run.seed + step,
         )
+        checked, guard_restarts = _with_resync(guard, sync, str(step + 1), "weight-sync check")
+        metrics.update(checked)
+        restarts += guard_restarts
     diffs = torch.cat(engine_diff) if engine_diff else torch.zeros(1)
     return {
         "step": step + 1,
         **stats,
         **metrics,
         "rollout/engine_trainer_logprob_diff_mean": diffs.mean().item(),
+        "rollout/restarts": float(restarts),
         "time/rollout_s": t_rollout,
         "time/train_s": t_train,
         "time/sync_s": time.perf_counter() - t2,
         "time/step_s": time.perf_counter() - t0,
     }
+
+
+def _from_driver(fn: Callable[[], Any]) -> Any:
+    """Rank 0 runs `fn` (an engine call) and every rank gets its result; an `EngineRestarted` on rank 0 is
+    raised on every rank, so that all of them can re-sync together."""
+    payload: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            payload = [fn()]
+        except EngineRestarted as exc:
+            payload = [exc]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], EngineRestarted):
+        raise payload[0]
+    return payload[0]
+
+
+def _with_resync(call: Callable[[], Any], sync: WeightSync, version: str, what: str) -> tuple[Any, int]:
+    """(`call()`, server restarts survived), `call` run on every rank; it raises `EngineRestarted` on every
+    rank when a server had to be restarted (with several trainer ranks, see `WeightSync.resync_on_restart`).
+
+    The restarted server holds the initial weights and only a collective export can push the current
+    ones: every rank syncs `version` again, then `call` starts over (what it generated so far is dropped,
+    so every sample comes from the synced weights).
+    """
+    for restarts in range(MAX_ENGINE_RESTARTS + 1):
+        try:
+            return call(), restarts
+        except EngineRestarted as exc:
+            if restarts == MAX_ENGINE_RESTARTS:
+                raise RolloutError(
+                    f"{what}: an SGLang server was restarted {restarts + 1} times during one call; giving up "
+                    f"(see the server logs). Last: {exc}"
+                ) from exc
+            log.warning(
+                "%s interrupted by a server restart (%s): re-syncing v%s, redoing it", what, exc, version
+            )
+            sync.sync(version=version)
+    raise AssertionError("unreachable")
 
 
 def _rollout(cfg: JobConfig, step: int, engine: Any, rewards: Any, data: parts.RunData) -> tuple[list, dict]:

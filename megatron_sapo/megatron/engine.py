@@ -20,6 +20,10 @@ then divides each micro-batch loss by the number of micro-batches (schedules.for
 2-tuple losses) and DDP pre-scales gradients by 1/DP before summing them (`calculate_per_token_loss`
 False): the loss handed to the schedule is multiplied by num_microbatches · DP to undo both.
 
+Temperature (`TrainConfig.temperature`): every log-prob, in `compute_logprobs` and in the updates, is of
+softmax(logits / T), as SGLang reports them for rollouts sampled at T, so the ratio compares the same
+distributions (T = 1: the raw logits).
+
 MoE routing replay (`TrainConfig.routing_replay`, see `engine_routing`): "r2" records each sample's
 experts in `compute_logprobs` and replays them in every update forward; "r3" replays `Sample.routing`
 (the rollout engine's) in both. "off" installs no hook.
@@ -116,8 +120,12 @@ class TrainConfig:
     """Token id used for right padding (never predicted: masked out)."""
     routing_replay: str = "off"
     """MoE routing replay: "off", "r2" (π_old pass's experts in the updates), "r3" (`Sample.routing`)."""
+    temperature: float = 1.0
+    """Log-probs (π_old and π_θ) are of softmax(logits / temperature): the rollouts' sampling temperature."""
 
     def __post_init__(self) -> None:
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
         if self.routing_replay not in REPLAY_MODES:
             raise ValueError(
                 f"TrainConfig.routing_replay must be one of {REPLAY_MODES}, got {self.routing_replay!r}"
@@ -295,11 +303,13 @@ class PolicyEngine:
         )
 
     def _logprobs(self, batch: MicroBatch, logits: torch.Tensor, *, inplace: bool) -> torch.Tensor:
-        """`[B, T]` fp32 log-probs of `batch.labels` from vocab-parallel logits `[B, T, V/tp]`."""
+        """`[B, T]` fp32 log-probs of `batch.labels` under softmax(logits / temperature), from
+        vocab-parallel logits `[B, T, V/tp]` (the division happens per fp32 chunk, no [B, T, V/tp] copy)."""
         return vocab_parallel_logprobs(
             logits,
             batch.labels,
             group=parallel_state.get_tensor_model_parallel_group(),
+            temperature=self.train_config.temperature,
             inplace_backward=inplace,
         )
 

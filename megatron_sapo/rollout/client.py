@@ -8,8 +8,11 @@ Requests carry token ids (strings are tokenized here, with the served model's to
 `request_batch` samples; at most `max_concurrency` chunks are in flight (back-pressure), each to the next
 server in turn. A chunk that fails because its server died is retried after the server is restarted
 (servers this client launched) and the `on_restart` hooks ran — weight sync registers one that pushes the
-current weights again, so a restarted server never serves stale weights. Token ids are validated against
-the vocabulary before sending: SGLang's scheduler dies on an out-of-range id.
+current weights again, so a restarted server never serves stale weights. With `retry_after_restart=False`
+such a request raises `EngineRestarted` after the restart instead (multi-rank trainers: the weights can only
+be pushed collectively, so the caller re-syncs and redoes the work); `generate` then cancels its pending
+chunks. Token ids are validated against the vocabulary before sending: SGLang's scheduler dies on an
+out-of-range id.
 
 Weight updates (called by `rollout/weight_sync.py`, which owns the trainer side) live in
 `rollout/sglang_updates.py`. Tests: tests/rollout/test_sglang_engine.py.
@@ -37,6 +40,10 @@ log = logging.getLogger(__name__)
 RESTARTABLE = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
+class EngineRestarted(RolloutError):
+    """A request's server died and was restarted (healthy again, with its initial weights); not retried."""
+
+
 class Endpoint:
     """One server URL and, when this process launched it, the server to restart."""
 
@@ -61,8 +68,11 @@ class SGLangEngine:
         request_batch: int = 16,
         request_timeout: float = 900.0,
         max_retries: int = 2,
+        retry_after_restart: bool = True,
     ) -> None:
-        """`targets`: servers launched here (restartable) or URLs of running ones."""
+        """`targets`: servers launched here (restartable) or URLs of running ones. `retry_after_restart`:
+        False makes a request whose server had to be restarted raise `EngineRestarted` (after the restart
+        and the `on_restart` hooks) instead of retrying it on the restarted server."""
         if not targets:
             raise ValueError("SGLangEngine needs at least one server or URL")
         self.endpoints = [Endpoint(t) for t in targets]
@@ -71,6 +81,7 @@ class SGLangEngine:
         self.request_batch = request_batch
         self.request_timeout = request_timeout
         self.max_retries = max_retries
+        self.retry_after_restart = retry_after_restart
         self.on_restart: list[Callable[[Endpoint], None]] = []
         self.vocab_size, self.top_k = _model_sizes(self.model_path)
         self._tokenizer: Any = None
@@ -99,9 +110,11 @@ class SGLangEngine:
     def request(
         self, endpoint: Endpoint, method: str, path: str, payload: dict | None = None, *, retry: bool = True
     ) -> Any:
-        """One HTTP call; a dead launched server is restarted (hooks run) and the call retried."""
+        """One HTTP call; a dead launched server is restarted (hooks run) and the call retried (or
+        `EngineRestarted` raised, see `retry_after_restart`)."""
         attempts = self.max_retries + 1 if retry else 1
         for attempt in range(attempts):
+            restarts = endpoint.server.restarts if endpoint.server is not None else 0
             try:
                 response = requests.request(
                     method, endpoint.url + path, json=payload, timeout=self.request_timeout
@@ -109,8 +122,10 @@ class SGLangEngine:
             except RESTARTABLE as exc:
                 if attempt + 1 == attempts or not self.recover(endpoint):
                     raise RolloutError(f"SGLang {endpoint.url}{path}: {exc}") from exc
+                self._restarted_since(endpoint, restarts, path)
                 continue
             if response.status_code >= 500 and attempt + 1 < attempts and self.recover(endpoint):
+                self._restarted_since(endpoint, restarts, path)
                 continue
             if response.status_code != 200:
                 raise RolloutError(
@@ -130,6 +145,15 @@ class SGLangEngine:
             for hook in self.on_restart:
                 hook(endpoint)
         return True
+
+    def _restarted_since(self, endpoint: Endpoint, restarts: int, path: str) -> None:
+        """Raise `EngineRestarted` when retries after a restart are off and the server restarted (here or
+        in another thread) since the request was sent."""
+        if not self.retry_after_restart and endpoint.server.restarts != restarts:
+            raise EngineRestarted(
+                f"SGLang {endpoint.url} died during {path} and was restarted with its initial weights; "
+                "the request was not retried"
+            )
 
     def _pick(self) -> Endpoint:
         with self._next_lock:
@@ -171,7 +195,13 @@ class SGLangEngine:
             return self._generate_chunk(chunk, ids, sampling, return_routed_experts)
 
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks))) as pool:
-            results = list(pool.map(run, chunks))
+            futures = [pool.submit(run, chunk) for chunk in chunks]
+            try:
+                results = [f.result() for f in futures]
+            except BaseException:
+                for f in futures:  # the call fails anyway: don't send the chunks still waiting
+                    f.cancel()
+                raise
         return [g for chunk in results for g in chunk]
 
     def _generate_chunk(

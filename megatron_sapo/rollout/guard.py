@@ -3,11 +3,12 @@
     metrics = check_weight_sync(engine, policy, probe_prompts, version="12", threshold=0.05)
     # {"sync/logprob_diff_mean": ..., "sync/logprob_diff_max": ...}; raises WeightSyncMismatch above
 
-The engine samples a few responses (temperature 1, so its log-probs are of the raw distribution); the
-trainer (`PolicyEngine.compute_logprobs`, any TP/PP/EP layout) scores the same tokens. Every trainer rank
-calls this (scoring is collective); rank 0 generates and broadcasts the samples, so all ranks reach the
-same verdict. A sync that "succeeded" but left stale or misnamed weights (e.g. MoE experts sent under
-names the engine ignores) shows up here as a large difference.
+The engine samples a few responses at the trainer's temperature (`policy.train_config.temperature`, so
+both sides' log-probs are of softmax(logits / T)); the trainer (`PolicyEngine.compute_logprobs`, any
+TP/PP/EP layout) scores the same tokens. Every trainer rank calls this (scoring is collective); rank 0
+generates and broadcasts the samples, so all ranks reach the same verdict. A sync that "succeeded" but
+left stale or misnamed weights (e.g. MoE experts sent under names the engine ignores) shows up here as a
+large difference.
 """
 
 from __future__ import annotations
@@ -41,17 +42,28 @@ def check_weight_sync(
 ) -> dict[str, float]:
     """Mean and max |engine logp − trainer logp| over the generated tokens; raise above `threshold` (mean).
 
-    `engine` is only used on global rank 0 (pass None elsewhere); `policy` has `compute_logprobs(samples)`.
+    `engine` is only used on global rank 0 (pass None elsewhere); `policy` has `compute_logprobs(samples)`
+    and `train_config.temperature` (a `PolicyEngine`).
     """
+    temperature = policy.train_config.temperature
     driver = not dist.is_initialized() or dist.get_rank() == 0
     payload: list[Any] = [None]
     if driver:
-        gens = engine.generate(
-            prompts, SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed), n=1
-        )
-        payload = [[(g.prompt_ids, g.token_ids, g.logprobs, g.weight_version) for g in gens if g.token_ids]]
+        try:
+            gens = engine.generate(
+                prompts,
+                SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                n=1,
+            )
+            payload = [
+                [(g.prompt_ids, g.token_ids, g.logprobs, g.weight_version) for g in gens if g.token_ids]
+            ]
+        except RolloutError as exc:  # e.g. EngineRestarted: raised on every rank, none left in the broadcast
+            payload = [exc]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], RolloutError):
+        raise payload[0]
     probes = payload[0]
     if not probes:
         raise WeightSyncMismatch("weight-sync check: the engine generated no tokens for the probe prompts")

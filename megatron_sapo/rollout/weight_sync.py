@@ -12,7 +12,8 @@ rank 0 receives the tensors and talks to the engine:
 - "disk": rank 0 writes a safetensors snapshot (+ config and tokenizer) and the engines reload it.
 Each update sits between begin/end_weight_update, carries the weight version and flushes the prefix cache.
 A restarted server gets the current weights again before its in-flight rollout is retried (single-process
-trainers; multi-rank trainers re-sync from their driver loop, see trainer).
+trainers); with several trainer ranks the interrupted call raises `EngineRestarted` and the trainer re-syncs
+on every rank and redoes it (`resync_on_restart`, trainer `_with_resync`).
 Tests: tests/rollout/test_weight_sync.py.
 """
 
@@ -183,24 +184,25 @@ class WeightSync:
         return (p for c in chunks for p in c.parameters())
 
     def resync_on_restart(self) -> None:
-        """Register a restart hook that pushes the last synced weights again (single-process trainers).
+        """Rank 0: make sure a restarted server never serves stale weights.
 
-        With several trainer ranks the export is collective, so a hook on rank 0 alone cannot run it;
-        the trainer's driver loop re-syncs instead.
+        Single process: a restart hook pushes the last synced weights before the interrupted request is
+        retried. Several trainer ranks: the export is collective, so a hook on rank 0 alone cannot run it;
+        the engine raises `EngineRestarted` instead of retrying, and the caller runs `sync` on every rank
+        and redoes the interrupted work (trainer `_with_resync`).
         """
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            raise RuntimeError(
-                "resync_on_restart needs a single-process trainer; re-sync from the driver loop"
-            )
         if not isinstance(self.engine, SGLangEngine) or self.config.transport == "disk":
             return  # a restarted server loads the latest disk snapshot itself
+        collective = dist.is_initialized() and dist.get_world_size() > 1
 
         def hook(endpoint: Any) -> None:
-            if self.version is not None:
-                self._group = None  # the restarted server left the old group
+            self._group = None  # the restarted server left the old group
+            if not collective and self.version is not None:
                 self.sync(self.version)
 
         self.engine.on_restart.append(hook)
+        if collective:
+            self.engine.retry_after_restart = False
 
 
 class _counting:

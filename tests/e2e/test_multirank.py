@@ -5,7 +5,9 @@
 - disaggregated: two "nodes" under an srun-like environment, "localhost" trains and "127.0.0.1" serves a
   real SGLang CPU server that the trainer finds by its URL, updates with the "distributed" transport
   and stops through the stop marker; 2 RL steps, the engine serves the trained weights each step;
-- a layout that does not fit the processes is one error line naming the setting (exit 2).
+- a layout that does not fit the processes is one error line naming the setting (exit 2);
+- two trainer ranks with a launched SGLang server that is SIGKILLed mid-rollout: rank 0 restarts it, all
+  ranks re-sync, the rollout is redone, and no sample comes from the restarted server's initial weights.
 Run: `python -m pytest tests/e2e/test_multirank.py -q` (~3 min on 2 cores).
 """
 
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,17 @@ def run_all(cmds: list[list[str]], envs: list[dict[str, str]], timeout: float = 
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait()
+
+
+def kill_server(port: int) -> bool:
+    """SIGKILL the process group (launcher, scheduler, detokenizer) of the SGLang server on `port`."""
+    found = subprocess.run(
+        ["pgrep", "-o", "-f", f"sglang.launch_server .*--port {port} "], capture_output=True, text=True
+    )
+    if not found.stdout.strip():
+        return False
+    os.killpg(int(found.stdout.split()[0]), signal.SIGKILL)
+    return True
 
 
 def rows(out: Path) -> list[dict]:
@@ -162,3 +177,45 @@ def test_layout_that_does_not_fit_is_one_error_line(tmp_path: Path) -> None:
         "megatron-sapo train: error: parallel.tp x parallel.pp = 2 x 1 = 2 does not divide"
     )
     assert "Traceback" not in proc.stderr
+
+
+def test_server_killed_mid_rollout_two_ranks_resync_and_redo(tmp_path: Path) -> None:
+    """SIGKILL the SGLang server while step 2's rollout is in flight (2 trainer ranks): rank 0 restarts it
+    (initial weights), every rank re-syncs, the rollout is redone, so every sample is from the trained
+    weights (a stale sample would differ from the trainer's log-probs by ~0.1-1 nat per token)."""
+    port = free_port()
+    args = [f"run.output_dir={tmp_path}", *TINY, "parallel.ep=2", "rollout.engine=sglang"]
+    # a long rollout (64 samples x 64 tokens of a barely trained model: seconds) for the kill to land in
+    args += ["run.steps=4", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=16"]
+    args += ["rollout.sampling.max_new_tokens=64", "run.eval_every=0", f"rollout.server.port={port}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(free_port()), *TRAIN, *args]
+    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads a pipe while the test waits
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd, env=clean_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 600
+        # step 1's row is written right before step 2's rollout starts
+        while not (metrics.is_file() and '{"step": 1,' in metrics.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "run ended before step 1"
+            time.sleep(0.05)
+        assert kill_server(port), "no SGLang server on the run's port"
+        proc.wait(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        kill_server(port)  # its own session: a killed trainer leaves it behind
+    err = log.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    r = rows(tmp_path)
+    assert [x["step"] for x in r] == [0, 1, 2, 3, 4]
+    for x in r[1:]:
+        assert x["sync/logprob_diff_max"] < 1e-4, x
+        # the point: no sample of any step (the interrupted one included) came from the initial weights
+        assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4, x
+    assert r[2]["rollout/restarts"] >= 1, [x.get("rollout/restarts") for x in r]
+    assert "rollout interrupted by a server restart" in err

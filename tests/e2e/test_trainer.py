@@ -184,3 +184,13 @@ def test_reward_that_raises_or_hangs_does_not_kill_the_run(tmp_path) -> None:
     r = rows(tmp_path / "out")
     assert r[-1]["step"] == 1 and r[-1]["reward/mean"] == 0.0
     assert r[-1]["reward/errors"] + r[-1]["reward/timeouts"] == 16
+
+
+def test_sglang_engine_at_temperature(tmp_path) -> None:
+    """Sampling at T = 0.7: the trainer's log-probs are of softmax(logits / 0.7), as SGLang reports them."""
+    train(tmp_path, "run.steps=2", "rollout.sampling.temperature=0.7")
+    r = rows(tmp_path)
+    assert [x["step"] for x in r] == [0, 1, 2]
+    for x in r[1:]:
+        assert x["sync/logprob_diff_max"] < 1e-4  # the guard samples at 0.7 and the trainer scores at 0.7
+        assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4  # pi_old vs the rollouts' own log-probs

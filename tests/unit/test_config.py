@@ -53,9 +53,17 @@ def _sections(cls: type) -> list[type]:
     return out
 
 
-def test_sampling_temperature_must_be_one_until_the_trainer_scales(tmp_path):
-    with pytest.raises(ConfigError, match=r"^rollout\.sampling\.temperature: must be 1\.0"):
-        load_config(JobConfig, None, ["rollout.sampling.temperature=0.7"])
+def test_sampling_temperature_reaches_the_trainer_and_must_be_positive():
+    cfg = load_config(JobConfig, None, ["rollout.sampling.temperature=0.7"])
+    assert cfg.rollout.sampling.temperature == 0.7
+    assert cfg.loss.to_train_config(pad_token_id=0, temperature=0.7).temperature == 0.7
+    for bad in ("0", "-0.5", "nan", "inf"):  # -0.5: SamplingParams' own check; the rest JobConfig's
+        with pytest.raises(ConfigError, match=r"^rollout\.sampling\.temperature: must be >=? 0") as exc:
+            load_config(JobConfig, None, [f"rollout.sampling.temperature={bad}"])
+        assert "\n" not in str(exc.value)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"TrainConfig\.temperature must be > 0"):
+            TrainConfig(temperature=bad)
 
 
 def test_yaml_then_overrides_land_in_typed_fields(tmp_path):
@@ -100,7 +108,8 @@ run:
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-6
     assert cfg.loss.routing_replay == "off"
     assert cfg.loss.params == {"eps_high": 0.28}
-    assert cfg.loss.to_train_config(pad_token_id=0).loss_params == {"eps_low": 0.2, "eps_high": 0.28}
+    train = cfg.loss.to_train_config(pad_token_id=0, temperature=1.0)
+    assert train.loss_params == {"eps_low": 0.2, "eps_high": 0.28}
     assert cfg.data.system_prompt == "Answer: with a number"
     assert cfg.data.synthetic.ops == ("+", "*")  # tuple[str, ...] in ArithmeticTask
     assert cfg.data.synthetic.records(1, seed=0)[0].prompt.startswith("What is")
@@ -110,7 +119,8 @@ run:
 
 def test_loss_params_default_per_loss():
     def params(*overrides):
-        return load_config(JobConfig, None, list(overrides)).loss.to_train_config(pad_token_id=0).loss_params
+        loss = load_config(JobConfig, None, list(overrides)).loss
+        return loss.to_train_config(pad_token_id=0, temperature=1.0).loss_params
 
     assert params() == {"tau_pos": 1.0, "tau_neg": 1.05}
     assert params("loss.params.tau_neg=1.1") == {"tau_pos": 1.0, "tau_neg": 1.1}
@@ -313,7 +323,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
 
 def test_sections_build_the_components_objects(tmp_path):
     cfg = load_config(JobConfig, None, ["loss.name=grpo", "loss.mini_batches=2", "rollout.server.port=3000"])
-    train = cfg.loss.to_train_config(pad_token_id=3)
+    train = cfg.loss.to_train_config(pad_token_id=3, temperature=0.6)
     assert train == TrainConfig(
         mini_batches=2,
         micro_batch_tokens=cfg.loss.micro_batch_tokens,
@@ -323,6 +333,7 @@ def test_sections_build_the_components_objects(tmp_path):
         log_ratio_clamp=20.0,
         pad_token_id=3,
         routing_replay="off",
+        temperature=0.6,
     )
     (tmp_path / "config.json").write_text("{}")
     server = cfg.rollout.server_config(str(tmp_path))
@@ -331,7 +342,9 @@ def test_sections_build_the_components_objects(tmp_path):
     server_keys = {f.name for f in dataclasses.fields(ServerConfig)} - {"model_path"}
     assert {f.name for f in dataclasses.fields(type(cfg.rollout.server))} == server_keys
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # travels to spawned processes
-    assert LossConfig().to_train_config(pad_token_id=0).loss_params == TrainConfig().loss_params
+    assert (
+        LossConfig().to_train_config(pad_token_id=0, temperature=1.0).loss_params == TrainConfig().loss_params
+    )
 
 
 def test_unwritable_output_dir_is_one_line(tmp_path, capsys):
