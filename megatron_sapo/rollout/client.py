@@ -131,7 +131,11 @@ class SGLangEngine:
                 raise RolloutError(
                     f"SGLang {endpoint.url}{path} answered {response.status_code}: {response.text[:500]}"
                 )
-            return response.json() if response.content else None
+            if not response.content:
+                return None
+            if response.headers.get("content-type", "").startswith("application/json"):
+                return response.json()
+            return response.text  # e.g. /flush_cache answers in plain text
         raise AssertionError("unreachable")
 
     def recover(self, endpoint: Endpoint) -> bool:

@@ -150,6 +150,12 @@ class SGLangWeightUpdater:
     def end(self) -> None:
         self._post_all("/end_weight_update")
 
+    def finish(self, version: str) -> None:
+        """After the last bucket: every server reports `version` and drops its prefix cache (whose KV
+        entries were computed with the old weights)."""
+        self._post_all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
+        self._post_all("/flush_cache")
+
     def load_tensors(self, bucket: Bucket, *, last: bool, version: str) -> None:
         """Colocated transport: the servers map the bucket's memory (CPU shared memory / CUDA IPC)."""
         self.manifest.check(bucket)

@@ -70,19 +70,6 @@ class WeightSyncConfig:
             raise ValueError(f"WeightSyncConfig.bucket_bytes must be > 0, got {self.bucket_bytes}")
 
 
-def _with_last(buckets: Iterator[list]) -> Iterator[tuple[list, bool]]:
-    """Non-empty buckets, each flagged whether it is the last one."""
-    pending = None
-    for bucket in buckets:
-        if not bucket:
-            continue
-        if pending is not None:
-            yield pending, False
-        pending = bucket
-    if pending is not None:
-        yield pending, True
-
-
 class WeightSync:
     """Trainer side of weight sync; construct on every trainer rank with the same arguments."""
 
@@ -154,13 +141,18 @@ class WeightSync:
             )
         up.begin()
         try:
-            for bucket, last in _with_last(buckets):
+            # each bucket goes as soon as it is exported and is dropped before the next is gathered
+            # (no look-ahead for "the last one": one bucket alive at a time); the version and the
+            # cache flush follow the last bucket
+            for bucket in buckets:
                 if self.config.transport == "tensor":
-                    up.load_tensors(bucket, last=last, version=version)
+                    up.load_tensors(bucket, last=False, version=version)
                 else:
-                    up.broadcast(bucket, self._group, last=last, version=version)
+                    up.broadcast(bucket, self._group, last=False, version=version)
+                del bucket
         finally:
             up.end()
+        up.finish(version)
 
     def _sync_disk(self, buckets: Iterator[list], version: str) -> None:
         source = getattr(self.engine, "model_path", None)  # config + tokenizer of the served model
@@ -215,3 +207,4 @@ class _counting:
         for bucket in self._it:
             self.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             yield bucket
+            del bucket  # not held while the export gathers the next one
