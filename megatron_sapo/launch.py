@@ -140,6 +140,8 @@ class Launch:
     """GPUs per node (cluster.gpus_per_node, SLURM, visible CUDA devices, else processes per node)."""
     num_nodes: int
     """Number of nodes of the job (also when their names are unknown)."""
+    cuda: bool = False
+    """Whether this process sees CUDA devices (else the job runs on CPU: gloo, no GPU checks)."""
 
     def describe(self) -> str:
         """One log line: source, nodes, world."""
@@ -148,7 +150,7 @@ class Launch:
         return (
             f"launch: {self.source}, {self.num_nodes} node(s) ({names}){engines}, "
             f"{self.world_size} trainer rank(s) ({self.local_world_size} per node), "
-            f"rendezvous {self.master_addr}:{self.master_port or 'free port'}, {self.gpus_per_node} GPU(s)/node"
+            f"rendezvous {self.master_addr}:{self.master_port or 'free port'}, {f'{self.gpus_per_node} GPU(s)/node' if self.cuda else 'CPU'}"
         )
 
 
@@ -281,6 +283,7 @@ def resolve(
         role=role,
         gpus_per_node=gpus,
         num_nodes=num_nodes,
+        cuda=cuda_devices > 0,
     )
     check_parallel_layout(parallel, world)
     if cuda_devices > 0 and source != "single":
