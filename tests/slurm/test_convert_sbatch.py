@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Qwen3MoeConfig
 
 from megatron_sapo.tiny import save_tiny_model, train_tokenizer
+from tests.e2e.conftest import tiny_configs
 from tests.hf_reference import load_checkpoint
 from tests.slurm.cluster import LocalSlurm
 
@@ -36,20 +36,7 @@ def _run(cluster: LocalSlurm, script: str, log: Path, **env: str) -> None:
 
 
 def test_convert_round_trip_across_two_nodes(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
-    config = Qwen3MoeConfig(
-        vocab_size=320,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        intermediate_size=128,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        norm_topk_prob=True,
-        tie_word_embeddings=False,
-    )
+    config = tiny_configs()["moe"]  # the e2e tier's tiny Qwen3-MoE (4 experts, top-2)
     hf = save_tiny_model(tmp_path / "hf", config, train_tokenizer(vocab_size=300), seed=3)
     meg, back = tmp_path / "mcore", tmp_path / "hf_back"
     _run(slurm_cluster, "convert_hf_to_megatron.sbatch", tmp_path / "to_mcore.out",
