@@ -309,6 +309,9 @@ class PolicyEngine:
             logits,
             batch.labels,
             group=parallel_state.get_tensor_model_parallel_group(),
+            # Logit columns >= the HF vocab are megatron's TP padding (`build_gpt_model` sets this;
+            # models without the attribute are unpadded): transformers / SGLang have V columns only.
+            vocab_size=getattr(self.model[-1].module, "unpadded_vocab_size", None),
             temperature=self.train_config.temperature,
             inplace_backward=inplace,
         )

@@ -16,13 +16,18 @@ SUM of the rescaled partial sums), none in backward. The backward needs no all-r
 global quantities in the gradient (the normaliser logsumexp and E) are saved from forward, and every
 rank receives the same upstream gradient (the loss is computed redundantly on each TP rank), so each
 rank's local gradient is exactly its slice of the full-vocab gradient, as in megatron's
-``vocab_parallel_cross_entropy``. Logits must be finite (use a large negative number, not −inf, to mask
-padded vocab entries). Usage::
+``vocab_parallel_cross_entropy``.
+
+Vocab padding: megatron pads the vocab to a multiple of TP (``models.padded_vocab_size``). Given the real
+vocab size V, the columns at global ids >= V (at the end of the last rank(s)' shards) are left out of every
+max and sum and get zero gradient, so the sums over v run over the HF model's V columns, as transformers'
+and SGLang's log-probs do, and the padded output rows are never trained. Real logits must be finite. Usage::
 
     from megatron_sapo.megatron.logprobs import vocab_parallel_logprobs
-    logp, ent = vocab_parallel_logprobs(logits, target, group=tp_group, return_entropy=True)
+    logp, ent = vocab_parallel_logprobs(logits, target, group=tp_group, vocab_size=V, return_entropy=True)
 
-Tests: ``python -m pytest tests/unit/test_logprobs.py tests/distributed/test_logprobs_tp.py -q``.
+Tests: ``python -m pytest tests/unit/test_logprobs.py tests/distributed/test_logprobs_tp.py
+tests/distributed/test_vocab_padding.py -q``.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         target: torch.Tensor,
         group: dist.ProcessGroup | None,
         vocab_start: int,
+        v_real: int,
         chunk_size: int,
         return_entropy: bool,
         temperature: float,
@@ -73,16 +79,18 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local_target = torch.where(owned, local_target, torch.zeros_like(local_target))
 
         f32 = dict(dtype=torch.float32, device=logits.device)
-        local_max = torch.empty(n, **f32)
+        # Only this shard's first v_real columns are real vocab; a shard of padding only has no max
+        # of its own (-inf, kept out of the rescaling below) and zero partial sums.
+        local_max = torch.full((n,), -torch.inf, **f32)
         # Rows: [sum exp(z - m_local), sum exp(z - m_local)(z - m_local), z_target]. Keeping the entropy
         # sum relative to the max avoids cancellation in H = logsumexp - E when |z| is large (~1e4).
         partial = torch.zeros(3, n, **f32)
         rows = min(chunk_size, n)
-        work = torch.empty(rows, v_local, **f32)
-        work2 = torch.empty(rows, v_local, **f32) if return_entropy else None
-        for s in range(0, n, chunk_size):
+        work = torch.empty(rows, v_real, **f32)
+        work2 = torch.empty(rows, v_real, **f32) if return_entropy else None
+        for s in range(0, n if v_real else 0, chunk_size):
             e = min(s + chunk_size, n)
-            z = _chunk_fp32(logits[s:e], work, inv_t)
+            z = _chunk_fp32(logits[s:e, :v_real], work, inv_t)
             m = z.amax(dim=-1)
             local_max[s:e] = m
             zt = z.gather(-1, local_target[s:e, None]).squeeze(-1)
@@ -101,7 +109,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         if world > 1:
             dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
         # Rescale each rank's partial sums from its own max to the global one before summing.
-        shift = local_max - global_max
+        shift = local_max - global_max if v_real else torch.zeros_like(global_max)
         scale = torch.exp(shift)
         partial[1].add_(shift * partial[0]).mul_(scale)
         partial[0].mul_(scale)
@@ -116,6 +124,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         ctx.save_for_backward(logits, local_target, owned, global_max, log_sum, e_minus_max)
         ctx.chunk_size = chunk_size
+        ctx.v_real = v_real
         ctx.inplace_backward = inplace_backward
         ctx.inv_t = inv_t
         ctx.set_materialize_grads(False)
@@ -126,7 +135,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor | None, grad_ent: torch.Tensor | None):
         logits, local_target, owned, global_max, log_sum, e_minus_max = ctx.saved_tensors
-        n = logits.shape[0]
+        n, v_real = logits.shape[0], ctx.v_real
         inv_t = ctx.inv_t
         # The chain rule through z = logits / τ is folded into the upstream gradients (scaled by 1/τ).
         if grad_logp is not None:
@@ -137,13 +146,13 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         grad_logits = logits if ctx.inplace_backward else torch.empty_like(logits)
         f32 = dict(dtype=torch.float32, device=logits.device)
         rows = min(ctx.chunk_size, n)
-        work = torch.empty(rows, logits.shape[1], **f32)
-        work2 = torch.empty(rows, logits.shape[1], **f32) if grad_ent is not None else None
-        for s in range(0, n, ctx.chunk_size):
+        work = torch.empty(rows, v_real, **f32)
+        work2 = torch.empty(rows, v_real, **f32) if grad_ent is not None else None
+        for s in range(0, n if v_real else 0, ctx.chunk_size):
             e = min(s + ctx.chunk_size, n)
             # z - max, then - log_sum: two exact-ish subtractions, not one with a rounded logsumexp,
             # which would cost ~ulp(max) of accuracy in every entry when |logits| is large.
-            z = _chunk_fp32(logits[s:e], work, inv_t).sub_(global_max[s:e, None])
+            z = _chunk_fp32(logits[s:e, :v_real], work, inv_t).sub_(global_max[s:e, None])
             if work2 is not None:
                 p = torch.sub(z, log_sum[s:e, None], out=work2[: e - s]).exp_()
                 # -p * (g_lp + g_H (z - E)), built in place in z.
@@ -155,8 +164,10 @@ class _VocabParallelLogprobs(torch.autograd.Function):
                 g = z.sub_(log_sum[s:e, None]).exp_().mul_(-g_lp[s:e, None])
             if grad_logp is not None:
                 g.scatter_add_(-1, local_target[s:e, None], g_tgt[s:e, None])
-            grad_logits[s:e].copy_(g)
-        return grad_logits, None, None, None, None, None, None, None
+            grad_logits[s:e, :v_real].copy_(g)
+        # Padded columns are not in the softmax: no gradient (the padded output rows stay untrained).
+        grad_logits[:, v_real:].zero_()
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -165,6 +176,7 @@ def vocab_parallel_logprobs(
     group: dist.ProcessGroup | None = None,
     *,
     vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_entropy: bool = False,
     temperature: float = 1.0,
@@ -173,10 +185,13 @@ def vocab_parallel_logprobs(
     """Log-prob of ``target`` (and optionally the entropy) under ``softmax(logits / temperature)``.
 
     Args:
-        logits: ``[*, T, V/tp]`` this rank's vocab shard, any float dtype (bf16/fp16/fp32). Must be finite.
-        target: ``[*, T]`` global vocab ids (integer); must lie in ``[0, V)``.
+        logits: ``[*, T, V_pad/tp]`` this rank's vocab shard, any float dtype (bf16/fp16/fp32). Columns
+            of real vocab ids must be finite.
+        target: ``[*, T]`` global vocab ids (integer); must lie in ``[0, vocab_size)``.
         group: tensor-parallel group the vocab is sharded over; ``None`` or size 1 means unsharded.
-        vocab_start_index: first global id of this rank's shard; default ``rank(group) · V/tp``.
+        vocab_start_index: first global id of this rank's shard; default ``rank(group) · V_pad/tp``.
+        vocab_size: the real (unpadded) vocab size V: columns at global ids >= V are megatron's padding,
+            excluded from the softmax (zero gradient). ``None``: every column is real (V = V_pad).
         chunk_size: tokens processed at once; workspace is 1 (2 with entropy) fp32 ``[chunk_size, V/tp]``.
         return_entropy: also return the per-token entropy (differentiable).
         temperature: logits are divided by this before the softmax.
@@ -197,11 +212,13 @@ def vocab_parallel_logprobs(
     v_local = logits.shape[-1]
     if vocab_start_index is None:
         vocab_start_index = _group_size_rank(group)[1] * v_local
+    v_real = v_local if vocab_size is None else min(v_local, max(0, vocab_size - vocab_start_index))
     logp, entropy = _VocabParallelLogprobs.apply(
         logits.reshape(-1, v_local),
         target.reshape(-1).long(),
         group,
         vocab_start_index,
+        v_real,
         chunk_size,
         return_entropy,
         float(temperature),
