@@ -2,7 +2,7 @@
 
 - every loss name finishes 3 steps and writes the documented files; the final hf/ loads in transformers
   and equals the trained policy's export;
-- the real SGLang engine (the default) runs 2 steps;
+- the real SGLang engine (the default) runs 2 steps at sampling temperature 0.7 (trainer log-probs at T);
 - SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
   uninterrupted run, in metrics.jsonl and in TensorBoard (each step once);
 - a malformed dataset row is one error line naming file and row; a reward that raises or hangs is a
@@ -107,11 +107,15 @@ def test_three_steps_each_loss_writes_outputs(loss, tmp_path) -> None:
     assert moved, "the final checkpoint equals the initial one: training changed nothing"
 
 
-def test_sglang_engine_two_steps(tmp_path) -> None:
-    train(tmp_path, "run.steps=2")
+def test_sglang_engine_two_steps_at_temperature(tmp_path) -> None:
+    """The real SGLang engine, sampling at T = 0.7: the trainer's log-probs are of softmax(logits / 0.7),
+    as SGLang reports them (T = 1 with SGLang runs in tests/e2e/test_multirank.py and tests/slurm/)."""
+    train(tmp_path, "run.steps=2", "rollout.sampling.temperature=0.7")
     r = rows(tmp_path)
     assert [x["step"] for x in r] == [0, 1, 2]
-    assert all(x["sync/logprob_diff_max"] < 1e-4 for x in r[1:])
+    for x in r[1:]:
+        assert x["sync/logprob_diff_max"] < 1e-4  # the guard samples at 0.7 and the trainer scores at 0.7
+        assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4  # pi_old vs the rollouts' own log-probs
     assert list((tmp_path / "logs").glob("sglang-*.log"))
 
 
@@ -184,13 +188,3 @@ def test_reward_that_raises_or_hangs_does_not_kill_the_run(tmp_path) -> None:
     r = rows(tmp_path / "out")
     assert r[-1]["step"] == 1 and r[-1]["reward/mean"] == 0.0
     assert r[-1]["reward/errors"] + r[-1]["reward/timeouts"] == 16
-
-
-def test_sglang_engine_at_temperature(tmp_path) -> None:
-    """Sampling at T = 0.7: the trainer's log-probs are of softmax(logits / 0.7), as SGLang reports them."""
-    train(tmp_path, "run.steps=2", "rollout.sampling.temperature=0.7")
-    r = rows(tmp_path)
-    assert [x["step"] for x in r] == [0, 1, 2]
-    for x in r[1:]:
-        assert x["sync/logprob_diff_max"] < 1e-4  # the guard samples at 0.7 and the trainer scores at 0.7
-        assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4  # pi_old vs the rollouts' own log-probs
