@@ -34,7 +34,7 @@ install: $(VENV)/.stamp-base  ## runtime install into .venv
 install-dev: $(VENV)/.stamp-dev  ## + test / lint tools
 install-sglang: $(VENV)/.stamp-sglang  ## + the lean SGLang rollout engine
 
-demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~12 min)
+demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~5 min)
 	$(VENV)/bin/megatron-sapo train configs/quickstart.yaml
 
 test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLang included), then run the whole suite

@@ -1,10 +1,11 @@
 """SAPO vs GSPO vs GRPO-R2 on the quickstart task: same seed, same budget, 4 off-policy mini-batches each.
 
-Every method runs `megatron-sapo train CONFIG` with the same config, seed and number of RL steps; only
+Every method runs `megatron-sapo train CONFIG` with the same config, seed and number of RL steps (300 by
+default, the learning rate decaying over them; extra key=value arguments win); only
 the loss differs (the paper's baselines: GSPO with its 3e-4 / 4e-4 band, GRPO with ε 0.2 / 0.27 and
 routing replay R2). With one seed all methods share the cold-start model, so step 0 is identical.
 
-    python examples/compare_losses.py                                 # quickstart budget, real SGLang
+    python examples/compare_losses.py                                 # 300 RL steps each, real SGLang
     python examples/compare_losses.py --seeds 0 1 2 --engine transformers   # in-process engine, ~3x faster
     python examples/compare_losses.py --plot-only                     # re-plot finished runs
 
@@ -81,6 +82,9 @@ def train(args: argparse.Namespace, method: str, seed: int) -> None:
         f"run.output_dir={path}",
         f"run.seed={seed}",
         f"run.steps={args.steps}",
+        # the cosine decay spans the run's optimizer steps (4 mini-batches per RL step): a shorter
+        # comparison than the config's run still ends at the low learning rate
+        f"optim.decay_steps={4 * args.steps}",
         f"rollout.engine={args.engine}",
         "run.progress=false",
         *METHODS[method],
@@ -177,7 +181,12 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "quickstart.yaml")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--steps", type=int, default=300, help="RL steps per run (the same budget for all)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=300,
+        help="RL steps per run (the same budget for all; the lr decays over them)",
+    )
     parser.add_argument(
         "--engine",
         choices=["sglang", "transformers"],
