@@ -2,10 +2,11 @@
 
     up = SGLangWeightUpdater(engine)
     up.begin()                                           # /begin_weight_update on every server
-    up.load_tensors(bucket, last=False, version="7")      # colocated: shared memory / CUDA IPC handles
+    up.load_tensors(bucket)                               # colocated: shared memory / CUDA IPC handles
     pg = up.init_group("10.0.0.1", port, backend="gloo")  # once; trainer rank 0 is rank 0 of `pg`
-    up.broadcast(bucket, pg, last=True, version="7")      # names/shapes over HTTP, bytes over `pg`
+    up.broadcast(bucket, pg)                              # names/shapes over HTTP, bytes over `pg`
     up.end()
+    up.finish("7")                                        # after the last bucket: version + cache flush
     up.load_disk("/ckpt/hf-step7", version="7")           # fallback: the servers read the files
 
 Every bucket is checked against the served checkpoint's names, shapes and dtypes before anything is sent
@@ -156,7 +157,7 @@ class SGLangWeightUpdater:
         self._post_all("/update_weight_version", {"new_version": version, "abort_all_requests": False})
         self._post_all("/flush_cache")
 
-    def load_tensors(self, bucket: Bucket, *, last: bool, version: str) -> None:
+    def load_tensors(self, bucket: Bucket) -> None:
         """Colocated transport: the servers map the bucket's memory (CPU shared memory / CUDA IPC)."""
         self.manifest.check(bucket)
         if not bucket:
@@ -171,8 +172,7 @@ class SGLangWeightUpdater:
                 {
                     "serialized_named_tensors": [payload_one] * tp,
                     "load_format": "flattened_bucket",
-                    "flush_cache": last,
-                    **({"weight_version": version} if last else {}),
+                    "flush_cache": False,  # once, in `finish`
                 },
                 retry=False,
             )
@@ -240,7 +240,7 @@ class SGLangWeightUpdater:
             raise RolloutError(f"init_weights_update_group failed: {errors[0]}")
         return made[0]
 
-    def broadcast(self, bucket: Bucket, group: dist.ProcessGroup, *, last: bool, version: str) -> None:
+    def broadcast(self, bucket: Bucket, group: dist.ProcessGroup) -> None:
         """Distributed transport: names/shapes over HTTP while the bytes go over `group` (one broadcast)."""
         self.manifest.check(bucket)
         if not bucket:
@@ -252,8 +252,7 @@ class SGLangWeightUpdater:
             "shapes": [list(m.shape) for m in metadata],
             "group_name": self.group_name,
             "load_format": "flattened_bucket",
-            "flush_cache": last,
-            **({"weight_version": version} if last else {}),
+            "flush_cache": False,  # once, in `finish`
         }
         errors: list[Exception] = []
 

@@ -146,9 +146,9 @@ class WeightSync:
             # cache flush follow the last bucket
             for bucket in buckets:
                 if self.config.transport == "tensor":
-                    up.load_tensors(bucket, last=False, version=version)
+                    up.load_tensors(bucket)
                 else:
-                    up.broadcast(bucket, self._group, last=False, version=version)
+                    up.broadcast(bucket, self._group)
                 del bucket
         finally:
             up.end()

@@ -93,7 +93,7 @@ def test_bad_sync_rejected_weights_unchanged(case, reset_weights, sglang_servers
     updater = SGLangWeightUpdater(engine)
     updater.begin()
     with pytest.raises(RolloutError, match="rejected before sending"):
-        updater.load_tensors(_moe_case(tiny_models, case), last=True, version="bad")
+        updater.load_tensors(_moe_case(tiny_models, case))
     updater.end()
     assert sglang_servers["moe"].healthy()
     after = engine.generate([[5, 6, 7]], params)[0]
@@ -107,9 +107,7 @@ def test_sync_outside_begin_end_is_a_clear_error(reset_weights, tiny_models) -> 
     engine = reset_weights("dense")
     state = load_file(tiny_models["dense"] / "model.safetensors")
     with pytest.raises(RolloutError, match="begin_weight_update"):
-        SGLangWeightUpdater(engine).load_tensors(
-            [("model.norm.weight", state["model.norm.weight"])], last=True, version="x"
-        )
+        SGLangWeightUpdater(engine).load_tensors([("model.norm.weight", state["model.norm.weight"])])
 
 
 def test_memory_release_is_refused_on_cpu(reset_weights) -> None:

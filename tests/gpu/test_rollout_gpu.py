@@ -47,8 +47,9 @@ def test_release_resume_and_cuda_ipc_sync(tmp_path) -> None:
         updater = SGLangWeightUpdater(engine)
         updater.begin()
         bucket = [(k, v.to("cuda", torch.bfloat16)) for k, v in state.items()]
-        updater.load_tensors(bucket, last=True, version="ipc")
+        updater.load_tensors(bucket)
         updater.end()
+        updater.finish("ipc")
         gens = engine.generate([[5, 6, 7, 8]], SamplingParams(max_new_tokens=8), n=2)
     assert {g.weight_version for g in gens} == {"ipc"}
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
