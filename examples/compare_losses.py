@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -94,7 +93,7 @@ def train(args: argparse.Namespace, method: str, seed: int) -> None:
     path.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(path / "train.log", "a") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ}, check=False)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if proc.returncode != 0:
         tail = (path / "train.log").read_text().splitlines()[-15:]
         sys.exit(f"[{method} seed {seed}] failed (exit {proc.returncode}); log tail:\n" + "\n".join(tail))

@@ -57,9 +57,8 @@ def stop_engines_at_exit(cfg: JobConfig, launch: Launch) -> Iterator[None]:
             path = stop_marker(cfg)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".stop.{os.getpid()}.tmp")
-            tmp.write_text(
-                f"{uuid.uuid4().hex} {time.time()}\n"
-            )  # new content: never mistaken for an old one
+            # new content each time: never mistaken for an old marker
+            tmp.write_text(f"{uuid.uuid4().hex} {time.time()}\n")
             tmp.replace(path)
 
 
