@@ -114,11 +114,8 @@ class RewardRunner:
             if not ready and not deadlines:
                 raise RuntimeError(f"no reward worker became ready within {START_TIMEOUT_S:g} s")
             for conn in ready:
-                w = next(w for w in self._workers if w.outbox is conn)
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    msg = ("died", f"worker process died (exit code {w.proc.wait()})")
+                w, msg = self._receive(conn)
+                msg = msg or ("died", f"worker process died (exit code {w.proc.wait()})")
                 if msg[0] in ("ready", "init_error", "died") and w.task is None:
                     self._on_idle_message(w, msg)
                 elif msg[0] == "died":
@@ -178,6 +175,14 @@ class RewardRunner:
         worker.inbox.send(("init", list(sys.path), self._fn_bytes, self.timeout_s))
         return worker
 
+    def _receive(self, conn: Connection) -> tuple[_Worker, tuple | None]:
+        """The worker whose pipe `conn` is ready, and its message (None: its process is gone)."""
+        w = next(w for w in self._workers if w.outbox is conn)
+        try:
+            return w, conn.recv()
+        except (EOFError, OSError):
+            return w, None
+
     def _on_idle_message(self, w: _Worker, msg: tuple) -> None:
         """A worker without a task said it is ready, could not start, or died."""
         if msg[0] == "ready":
@@ -202,11 +207,8 @@ class RewardRunner:
                 self.close()
                 raise RuntimeError(f"reward workers did not start within {START_TIMEOUT_S:g} s")
             for conn in ready:
-                w = next(w for w in self._workers if w.outbox is conn)
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    msg = ("init_error", f"worker exited with code {w.proc.wait()} (see its stderr)")
+                w, msg = self._receive(conn)
+                msg = msg or ("init_error", f"worker exited with code {w.proc.wait()} (see its stderr)")
                 if msg[0] == "init_error":
                     self.close()
                     raise RuntimeError(f"reward worker could not load the reward function: {msg[1]}")
