@@ -4,7 +4,7 @@ The experts a forward *used* are read from each router's returned routing map (f
 samples through the model's input ids — never from the engine's own replay state. One single-process
 run checks: R2 replays the π_old pass's experts in every update forward after large router noise (while
 replay "off" reroutes) and the router still gets a gradient; with unperturbed weights R2 reproduces the
-"off" first mini-batch loss and update exactly, and in the second mini-batch (router moved by the
+"off" first mini-batch loss and update (to fp32 rounding), and in the second mini-batch (router moved by the
 first update) follows the recording; R3 uses `Sample.routing` in both passes and its log-probs equal a
 plain model forward with `RoutingReplay` set to those ids, one sample at a time. Then EP=2 and PP=2
 (2 ranks each; each rank records its own samples / its own stage's layers) with R2 must update the
@@ -25,6 +25,9 @@ VOCAB, NUM_SAMPLES, MINI_BATCHES, TOKEN_BUDGET = 64, 8, 2, 40
 EXPERTS, TOPK, MOE_LAYERS, WEIGHT_SEED = 4, 2, 2, 11
 NOISE = 3.0  # router weights are ~N(0, 0.2^2): this reroutes most tokens
 TOL = 1e-5
+# R2's on-policy update equals "off"'s up to the order in which the CPU kernels sum the router gradient: bit-equal
+# on one Intel machine, 1 ulp (<= 1.2e-7 on weights ~0.7) on an AMD EPYC. Rerouting moves weights by ~lr = 5e-2.
+ROUNDING = 1e-6
 
 
 def _samples() -> list:
@@ -316,9 +319,11 @@ def test_r2_replays_old_pass_experts_after_router_moved(single: dict) -> None:
 
 def test_r2_is_a_no_op_on_policy_and_follows_the_recording_later(single: dict) -> None:
     r2, off = single["r2_on_policy"]["r2"], single["r2_on_policy"]["off"]
-    assert r2["loss0"] == off["loss0"]
+    assert r2["loss0"] == pytest.approx(off["loss0"], rel=ROUNDING)
     assert set(r2["params0"]) == set(off["params0"])
-    assert all(np.array_equal(r2["params0"][k], off["params0"][k]) for k in r2["params0"])
+    diffs = {k: float(np.abs(r2["params0"][k] - off["params0"][k]).max()) for k in r2["params0"]}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= ROUNDING, (worst, diffs[worst])
     assert r2["first_differs"] == 0.0 and off["first_differs"] == 0.0
     assert off["second_differs"] > 0.0  # the first update moved some tokens to other experts ...
     assert r2["second_differs"] == 0.0  # ... which R2 does not follow

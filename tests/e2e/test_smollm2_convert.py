@@ -13,6 +13,8 @@ and check every tensor bit-exact against the saved checkpoint. ~90 s on 2 cores.
 from __future__ import annotations
 
 import importlib.metadata as md
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,8 +59,10 @@ def _rank_fn(rank: int, world_size: int, hf_dir: str, out: str, tokens: torch.Te
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
-    """(saved fp32 checkpoint dir, chat prompt tokens [1, T], transformers logits [1, T, V])."""
+def smollm2(tmp_path_factory) -> Iterator[tuple[Path, torch.Tensor, torch.Tensor]]:
+    """(saved fp32 checkpoint dir, chat prompt tokens [1, T], transformers logits [1, T, V]).
+
+    The 0.5 GB checkpoint is deleted after the module (pytest keeps session temp dirs until the run ends)."""
     gguf = smollm2_gguf()
     if gguf is None:
         # `make test` installs it: a missing model is a broken install, not a reason to skip.
@@ -78,7 +82,10 @@ def smollm2(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor]:
     )
     tokens = tokens["input_ids"]
     with torch.no_grad():
-        return hf_dir, tokens, model(input_ids=tokens).logits
+        logits = model(input_ids=tokens).logits
+    del model
+    yield hf_dir, tokens, logits
+    shutil.rmtree(hf_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
