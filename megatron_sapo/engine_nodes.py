@@ -1,4 +1,6 @@
-"""Disaggregated runs: SGLang servers on the engine nodes, and how the trainers find and stop them.
+"""SGLang servers on other nodes than trainer rank 0's, and how the trainers find and stop them.
+
+Disaggregated runs:
 
     megatron-sapo train job.yaml cluster.placement=disaggregated cluster.engine_nodes=1   # under srun
 
@@ -9,6 +11,10 @@ starts `cluster.engines_per_node` SGLang servers bound to the node's address on
 processes exit at once. Trainer rank 0 derives the URLs (`launch.engine_urls`) and waits for their
 /health. The engine nodes read the model and the marker from `run.output_dir`: it must be on a
 filesystem every node shares (the tiny model is built by trainer rank 0 into <output_dir>/hf_init).
+
+Colocated runs with `cluster.colocated_engines: every_node` on several nodes (`node_engines`): local rank 0
+of each train node — a trainer process — starts `rollout.num_engines` servers on its node once the model
+is ready and stops them when it leaves training; trainer rank 0 reaches all of them by URL.
 Tests: tests/e2e/test_multirank.py.
 """
 
@@ -27,7 +33,7 @@ from pathlib import Path
 
 import requests
 
-from megatron_sapo.launch import Launch
+from megatron_sapo.launch import Launch, every_node_engines, node_engine_ports
 from megatron_sapo.rollout import RolloutError, ServerConfig, SGLangServer
 from megatron_sapo.run_config import JobConfig
 
@@ -79,7 +85,8 @@ def serve_engine_node(cfg: JobConfig, launch: Launch) -> int:
     if model is None:
         log.warning("engine node %s: the trainers stopped before the model was ready", node)
         return 0
-    servers = _launch_servers(cfg, node, model, launch)
+    ports = [cfg.cluster.engine_port + i for i in range(cfg.cluster.engines_per_node)]
+    servers = launch_servers(cfg, node, model, ports)
     try:
         for s in servers:
             s.wait_ready(s.config.startup_timeout)
@@ -128,7 +135,8 @@ def server_configs(base: ServerConfig, count: int, *, first_port: int | None = N
     return configs
 
 
-def _launch_servers(cfg: JobConfig, node: str, model: Path, launch: Launch) -> list[SGLangServer]:
+def launch_servers(cfg: JobConfig, node: str, model: Path, ports: list[int]) -> list[SGLangServer]:
+    """Start (without waiting) one SGLang server per port on this node, reachable from the other nodes."""
     base = cfg.rollout.server_config(str(model))
     base.host = socket.gethostbyname(node)
     if ipaddress.ip_address(base.host).is_loopback:
@@ -136,11 +144,29 @@ def _launch_servers(cfg: JobConfig, node: str, model: Path, launch: Launch) -> l
         # the other nodes: listen everywhere instead
         base.host = "0.0.0.0"
     base.log_dir = base.log_dir or str(Path(cfg.run.output_dir) / "logs" / node)
-    configs = server_configs(base, cfg.cluster.engines_per_node, first_port=cfg.cluster.engine_port)
+    configs = server_configs(base, len(ports), first_port=ports[0])
     servers = [SGLangServer(c) for c in configs]
     for s in servers:  # all load in parallel
         s.launch()
     return servers
+
+
+@contextlib.contextmanager
+def node_engines(cfg: JobConfig, model: Path, launch: Launch) -> Iterator[list[SGLangServer]]:
+    """Colocated "every_node": local rank 0 of each train node runs that node's `rollout.num_engines`
+    servers for the duration of the block (started here, stopped at its end however it ends); every
+    other process, and every other placement, gets []."""
+    if not every_node_engines(launch, cfg.cluster) or launch.local_rank != 0:
+        yield []
+        return
+    node = launch.nodes[launch.node_rank]
+    ports = node_engine_ports(cfg.cluster, launch.train_nodes.index(node), cfg.rollout.num_engines)
+    servers = launch_servers(cfg, node, model, ports)
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def wait_for_engines(urls: list[str], timeout: float) -> None:

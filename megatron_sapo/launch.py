@@ -2,7 +2,8 @@
 
     launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=torch.cuda.device_count())
     launch.role          # "trainer" or "engine" (disaggregated: the last cluster.engine_nodes nodes)
-    engine_urls(launch, cfg.cluster)   # ["http://node4:30000", ...]: the engines the trainer talks to
+    engine_urls(launch, cfg.cluster, cfg.rollout.num_engines)   # ["http://node4:30000", ...]: the engines
+                                                              # of other nodes the trainer talks to
 
 The same `megatron-sapo train CONFIG.yaml` works under `srun`, under `torchrun` (also `srun torchrun`)
 and alone; `resolve` reads only the mapping it is given (pass `os.environ`), so every layout can be
@@ -17,6 +18,9 @@ checked with hand-written environments. Rules:
 - disaggregated: processes on the last `engine_nodes` nodes get role "engine"; trainer ranks are
   renumbered over the train nodes (rank = node × tasks per node + local rank) and meet on the first
   train node, so the engine nodes never join the trainers' process group.
+- colocated with `colocated_engines: every_node` on several nodes: local rank 0 of train node k serves
+  `rollout.num_engines` engines on ports engine_port + k × num_engines + i (distinct across nodes, so
+  "nodes" that share one host in tests do not collide); the trainers need the node names (SLURM).
 A layout that cannot work is a `LayoutError`: one line naming the setting and the numbers.
 Tests: tests/unit/test_launch.py.
 """
@@ -30,7 +34,16 @@ from typing import Literal
 
 from megatron_sapo.run_config import ClusterConfig, ParallelConfig
 
-__all__ = ["Launch", "LayoutError", "check_parallel_layout", "engine_urls", "expand_nodelist", "resolve"]
+__all__ = [
+    "Launch",
+    "LayoutError",
+    "check_parallel_layout",
+    "engine_urls",
+    "every_node_engines",
+    "expand_nodelist",
+    "node_engine_ports",
+    "resolve",
+]
 
 
 class LayoutError(ValueError):
@@ -268,6 +281,16 @@ def resolve(
                 master_port += 1
         master_addr = train_nodes[0]
 
+    if (
+        cluster.placement == "colocated"
+        and cluster.colocated_engines == "every_node"
+        and num_nodes > 1
+        and not train_nodes
+    ):
+        raise LayoutError(
+            "cluster.colocated_engines 'every_node' needs the names of the job's nodes (SLURM_JOB_NODELIST) to "
+            "find each node's engines: run under srun (or srun torchrun)"
+        )
     launch = Launch(
         source=source,
         rank=rank,
@@ -328,10 +351,37 @@ def check_parallel_layout(parallel: ParallelConfig, world: int) -> None:
         )
 
 
-def engine_urls(launch: Launch, cluster: ClusterConfig) -> list[str]:
-    """The SGLang servers of a disaggregated job: http://<engine node>:<engine_port + i>, i < engines_per_node."""
-    return [
-        f"http://{node}:{cluster.engine_port + i}"
-        for node in launch.engine_nodes
-        for i in range(cluster.engines_per_node)
-    ]
+def every_node_engines(launch: Launch, cluster: ClusterConfig) -> bool:
+    """Colocated engines on every train node (`colocated_engines: every_node` on more than one node)."""
+    return (
+        cluster.placement == "colocated"
+        and cluster.colocated_engines == "every_node"
+        and len(launch.train_nodes) > 1
+    )
+
+
+def node_engine_ports(cluster: ClusterConfig, node_index: int, count: int) -> list[int]:
+    """Colocated "every_node": the ports of train node `node_index`'s `count` engines."""
+    first = cluster.engine_port + node_index * count
+    return list(range(first, first + count))
+
+
+def engine_urls(launch: Launch, cluster: ClusterConfig, num_engines: int = 1) -> list[str]:
+    """The SGLang servers the trainers find by URL (empty: rank 0 launches its own, or `rollout.urls`).
+
+    Disaggregated: http://<engine node>:<engine_port + i>, i < engines_per_node. Colocated "every_node":
+    http://<train node k>:<port> for the `num_engines` ports of `node_engine_ports(cluster, k, num_engines)`.
+    """
+    if launch.engine_nodes:
+        return [
+            f"http://{node}:{cluster.engine_port + i}"
+            for node in launch.engine_nodes
+            for i in range(cluster.engines_per_node)
+        ]
+    if every_node_engines(launch, cluster):
+        return [
+            f"http://{node}:{port}"
+            for k, node in enumerate(launch.train_nodes)
+            for port in node_engine_ports(cluster, k, num_engines)
+        ]
+    return []

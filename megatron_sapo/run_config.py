@@ -128,6 +128,7 @@ class ParallelConfig:
 
 
 PLACEMENTS = ("colocated", "disaggregated")
+COLOCATED_ENGINES = ("first_node", "every_node")
 
 
 @dataclass
@@ -135,15 +136,21 @@ class ClusterConfig:
     """Where trainers and SGLang engines run across the allocation (see megatron_sapo/launch.py)."""
 
     placement: Literal["colocated", "disaggregated"] = "colocated"
-    """"colocated": every node trains and trainer rank 0 launches `rollout.num_engines` engines on its own
-    node (not on every node); "disaggregated": the last `engine_nodes` nodes only serve SGLang engines
-    (`engines_per_node` each, `rollout.num_engines` is not used) and the first ones train."""
+    """"colocated": every node trains and runs `rollout.num_engines` SGLang engines on its own node
+    (trainer rank 0's node only, or every train node: `colocated_engines`); "disaggregated": the last
+    `engine_nodes` nodes only serve SGLang engines (`engines_per_node` each, `rollout.num_engines` is not
+    used) and the first ones train."""
+    colocated_engines: Literal["first_node", "every_node"] = "first_node"
+    """Colocated on several nodes: "first_node" = trainer rank 0 launches the engines on its node;
+    "every_node" = local rank 0 of every train node launches `rollout.num_engines` on its node (on
+    `engine_port` + node index x num_engines + i) and trainer rank 0 spreads the rollouts over all of them;
+    weights then reach them by "distributed" or "disk" ("tensor" reaches only rank 0's node)."""
     engine_nodes: int = 0
     """Disaggregated: how many nodes (the last ones of the allocation) run SGLang engines."""
     engines_per_node: int = 1
     """Disaggregated: SGLang servers per engine node (each `rollout.server.tp_size` GPUs)."""
     engine_port: int = 30000
-    """Disaggregated: engine i of a node listens on engine_port + i."""
+    """Disaggregated: engine i of a node listens on engine_port + i (colocated "every_node": see there)."""
     gpus_per_node: int | None = None
     """GPUs per node; null = from SLURM (SLURM_GPUS_ON_NODE / SLURM_GPUS_PER_NODE), else the visible ones."""
     master_port: int | None = None
@@ -151,6 +158,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.placement, PLACEMENTS, "placement")
+        check_choice(self.colocated_engines, COLOCATED_ENGINES, "colocated_engines")
         _check_positive(self, "engine_nodes", minimum=0)
         _check_positive(self, "engines_per_node", "gpus_per_node")
         for name in ("engine_port", "master_port"):
@@ -435,6 +443,17 @@ class JobConfig:
             f"must be > 0 and finite for training rollouts (the trainer's log-probs are of "
             f"softmax(logits / temperature)), got {temperature}",
         )
+        if self.cluster.placement == "colocated" and self.cluster.colocated_engines == "every_node":
+            check(
+                self.rollout.engine == "sglang",
+                "cluster.colocated_engines",
+                "'every_node' launches SGLang servers on the train nodes: needs rollout.engine 'sglang'",
+            )
+            check(
+                not self.rollout.urls,
+                "rollout.urls",
+                "must be empty with cluster.colocated_engines 'every_node' (the URLs come from the train nodes)",
+            )
         if self.cluster.placement == "disaggregated":
             r = self.rollout
             check(

@@ -21,7 +21,14 @@ import torch.distributed as dist
 
 from megatron_sapo.data import PromptRecord, load_records, render_prompt
 from megatron_sapo.data.synthetic import ArithmeticTask
-from megatron_sapo.launch import Launch, check_parallel_layout, engine_urls, resolve
+from megatron_sapo.launch import (
+    Launch,
+    LayoutError,
+    check_parallel_layout,
+    engine_urls,
+    every_node_engines,
+    resolve,
+)
 from megatron_sapo.rollout import SamplingParams
 from megatron_sapo.run_config import JobConfig
 from megatron_sapo.utils.spawn import free_port
@@ -36,6 +43,12 @@ def init_distributed(cfg: JobConfig) -> Launch:
     of a disaggregated run return at once (they never join the trainers' group)."""
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=cuda)
+    if every_node_engines(launch, cfg.cluster) and cfg.rollout.weight_sync.transport == "tensor":
+        raise LayoutError(
+            f"rollout.weight_sync.transport 'tensor' reaches only the engines on trainer rank 0's node; "
+            f"cluster.colocated_engines 'every_node' on {len(launch.train_nodes)} nodes needs 'distributed' or "
+            "'disk' (or cluster.colocated_engines 'first_node')"
+        )
     if launch.role == "engine":
         return launch
     if not dist.is_initialized():
@@ -216,8 +229,9 @@ def load_data(cfg: JobConfig, tokenizer: Any) -> RunData:
 
 # ---- engine, rewards, eval --------------------------------------------------------------------
 def build_engine(cfg: JobConfig, hf_dir: Path, out: Path, launch: Launch) -> Any:
-    """Rank 0: the rollout engine: the engine nodes' servers (disaggregated), given URLs, servers
-    launched on this node (colocated), or the in-process engine."""
+    """Rank 0: the rollout engine: servers on other nodes by URL (disaggregated engine nodes, or every
+    train node's colocated ones), given URLs, servers launched on this node (colocated), or the
+    in-process engine."""
     r = cfg.rollout
     if r.engine == "transformers":
         from megatron_sapo.rollout.hf_engine import TransformersEngine
@@ -226,8 +240,8 @@ def build_engine(cfg: JobConfig, hf_dir: Path, out: Path, launch: Launch) -> Any
     from megatron_sapo.engine_nodes import server_configs, wait_for_engines
     from megatron_sapo.rollout import SGLangEngine, SGLangServer
 
-    if launch.engine_nodes:
-        urls = engine_urls(launch, cfg.cluster)
+    urls = engine_urls(launch, cfg.cluster, r.num_engines)
+    if urls:
         wait_for_engines(urls, r.server.startup_timeout)
         return SGLangEngine(urls, model_path=str(hf_dir))
     if r.urls:
@@ -243,25 +257,26 @@ def build_engine(cfg: JobConfig, hf_dir: Path, out: Path, launch: Launch) -> Any
 
 
 def weight_sync_config(cfg: JobConfig, launch: Launch) -> Any:
-    """The weight sync settings; "distributed" to engine nodes meets at trainer rank 0's node.
+    """The weight sync settings; "distributed" to other nodes' engines meets at trainer rank 0's node.
 
     The node's name, not its address here: the engines resolve it on their side (a name that maps to
     127.0.1.1 in this node's /etc/hosts still reaches this node from the others)."""
     ws = cfg.rollout.weight_sync
-    if launch.engine_nodes and ws.transport == "distributed" and ws.master_address == "127.0.0.1":
+    remote = launch.engine_nodes or every_node_engines(launch, cfg.cluster)
+    if remote and ws.transport == "distributed" and ws.master_address == "127.0.0.1":
         return dataclasses.replace(ws, master_address=launch.master_addr)
     return ws
 
 
 def colocated_gpu_engine(cfg: JobConfig, engine: Any) -> bool:
-    """Rank 0: the engine's servers share this node's GPUs with the trainers (their memory is lent)."""
+    """Rank 0: the engine's servers share the train nodes' GPUs with the trainers (their memory is lent)."""
     from megatron_sapo.rollout import SGLangEngine
 
     return (
         isinstance(engine, SGLangEngine)
         and cfg.cluster.placement == "colocated"
         and cfg.rollout.server.device == "cuda"
-        and all(e.server is not None for e in engine.endpoints)
+        and not cfg.rollout.urls  # the job's own servers, launched here or on every train node
     )
 
 

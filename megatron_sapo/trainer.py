@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo import run_parts as parts
-from megatron_sapo.engine_nodes import serve_engine_node, stop_engines_at_exit
+from megatron_sapo.engine_nodes import node_engines, serve_engine_node, stop_engines_at_exit
 from megatron_sapo.launch import Launch
 from megatron_sapo.losses import group_advantages
 from megatron_sapo.megatron.batching import Sample
@@ -62,8 +62,13 @@ def run(cfg: JobConfig) -> int:
 
 def _train(cfg: JobConfig, launch: Launch) -> int:
     out = Path(cfg.run.output_dir)
-    driver = dist.get_rank() == 0
     hf_dir = parts.prepare_model(cfg, out)
+    with node_engines(cfg, hf_dir, launch) as node_servers:  # colocated "every_node"; else none
+        return _train_with(cfg, out, hf_dir, launch, node_servers)
+
+
+def _train_with(cfg: JobConfig, out: Path, hf_dir: Path, launch: Launch, node_servers: list) -> int:
+    driver = dist.get_rank() == 0
     tokenizer, hf_config = parts.load_tokenizer_and_config(hf_dir)
     data = parts.load_data(cfg, tokenizer)
     policy = PolicyEngine(
@@ -84,6 +89,8 @@ def _train(cfg: JobConfig, launch: Launch) -> int:
         from megatron_sapo.bridge.load import load_hf_weights
 
         load_hf_weights(policy.model, hf_config, hf_dir)
+    for server in node_servers:  # this node's engines loaded while the policy was built
+        server.wait_ready(server.config.startup_timeout)
     writer = parts.MetricsWriter(out, cfg, resume_step=start) if driver else None
     engine = parts.build_engine(cfg, hf_dir, out, launch) if driver else None
     rewards = parts.build_reward_runner(cfg) if driver else None

@@ -1,7 +1,9 @@
 """Multi-process `megatron-sapo train` on one machine: the launcher's paths, end to end (CPU, gloo).
 
-- two trainer ranks (parallel.ep=2), started by torchrun and by an srun-like environment (what srun sets
-  for a 2-node × 1-task step): both finish the planned steps and write the same metrics keys;
+- two trainer ranks (parallel.ep=2) started by torchrun finish the planned steps and write the metrics;
+- two trainer ranks in an srun-like environment (what srun sets for a 2-node × 1-task step), colocated
+  with one real SGLang CPU server on each "node" (cluster.colocated_engines=every_node): rollouts reach
+  both servers and the "distributed" weight sync keeps both at the trainer's weights;
 - disaggregated: two "nodes" under an srun-like environment, "localhost" trains and "127.0.0.1" serves a
   real SGLang CPU server that the trainer finds by its URL, updates with the "distributed" transport
   and stops through the stop marker; 2 RL steps, the engine serves the trained weights each step;
@@ -21,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from megatron_sapo.utils.spawn import free_port
@@ -101,19 +102,11 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
-def test_two_trainer_ranks(launcher: str, tmp_path: Path) -> None:
+def test_two_trainer_ranks_torchrun(tmp_path: Path) -> None:
     args = [f"run.output_dir={tmp_path}", *TINY, "parallel.ep=2", "rollout.engine=transformers"]
-    if launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-        cmd += ["--master-port", str(free_port()), *TRAIN, *args]
-        results = run_all([cmd], [clean_env()])
-    else:  # two "nodes" of one task each; the rendezvous port comes from cluster.master_port
-        nodes = ["localhost", "127.0.0.1"]
-        cmd = [sys.executable, *TRAIN, *args, f"cluster.master_port={free_port()}"]
-        envs = [clean_env() | fake_srun(nodes, i, job_id=4242) for i in range(2)]
-        results = run_all([cmd, cmd], envs)
-    for code, err in results:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(free_port()), *TRAIN, *args]
+    for code, err in run_all([cmd], [clean_env()]):
         assert code == 0, err
     r = rows(tmp_path)
     assert [x["step"] for x in r] == [0, 1, 2]
@@ -123,6 +116,38 @@ def test_two_trainer_ranks(launcher: str, tmp_path: Path) -> None:
         assert x["sync/logprob_diff_max"] < 1e-4
     assert "eval/accuracy" in r[0] and "eval/accuracy" in r[2]
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_srun_two_nodes_with_colocated_engines_on_every_node(tmp_path: Path) -> None:
+    """Two "nodes" of one trainer task each (srun env; rendezvous port from cluster.master_port), each
+    serving its own real SGLang server (cluster.colocated_engines=every_node): rank 0 spreads the
+    rollouts over both and the "distributed" sync reaches both."""
+    nodes = ["localhost", "127.0.0.1"]
+    engine_port = free_port()
+    cmd = [sys.executable, *TRAIN, f"run.output_dir={tmp_path}", *TINY, "parallel.ep=2"]
+    # 4 prompts x 8 samples = 32 samples = 2 request chunks of 16 a step: one to each server
+    cmd += [
+        "rollout.prompts_per_step=4",
+        "rollout.samples_per_prompt=8",
+        "cluster.colocated_engines=every_node",
+    ]
+    cmd += [f"cluster.engine_port={engine_port}", f"cluster.master_port={free_port()}"]
+    cmd += ["rollout.weight_sync.transport=distributed"]
+    envs = [clean_env() | fake_srun(nodes, i, job_id=4242) for i in range(2)]
+    for code, err in run_all([cmd, cmd], envs):
+        assert code == 0, err
+    r = rows(tmp_path)
+    assert [x["step"] for x in r] == [0, 1, 2]
+    # node k serves on engine_port + k (one engine per node)
+    logs = [tmp_path / "logs" / node / f"sglang-{engine_port + k}.log" for k, node in enumerate(nodes)]
+    for log in logs:
+        assert log.read_text().count("POST /generate") >= 2, log  # both rollouts reached both servers
+    # the cold start moved the weights before the first sync: a server the sync missed would serve the
+    # initial model, ~0.1-1 nat per token away from the trainer's log-probs
+    for x in r[1:]:
+        assert x["sync/bytes"] > 0 and x["sync/logprob_diff_max"] < 1e-4
+        assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4, x
+    assert not any(log.exists() for log in (tmp_path / "logs").glob("sglang-*.log"))  # none by rank 0 alone
 
 
 def test_disaggregated_engine_node_with_real_sglang(tmp_path: Path) -> None:

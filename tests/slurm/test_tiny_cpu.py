@@ -5,7 +5,9 @@
   COMPLETES with exit code 0:0, its metrics.jsonl has the planned RL steps, and the launcher's log line
   shows one world of 2 ranks across node1 and node2;
 - the same script with cluster.placement=disaggregated: node1 trains (1 rank), node2 only serves the
-  SGLang engine, which the trainer finds by itself and syncs over the "distributed" transport.
+  SGLang engine, which the trainer finds by itself and syncs over the "distributed" transport;
+- the same script with cluster.colocated_engines=every_node: each node's trainer task serves an SGLang
+  server of its own, and rank 0 sends rollouts to both.
 Run: `python -m pytest tests/slurm/test_tiny_cpu.py -q -rs` as root (~2-4 min on 2 cores).
 """
 
@@ -15,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_sapo.utils.spawn import free_port
 from tests.slurm.cluster import LocalSlurm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,3 +98,22 @@ def test_tiny_cpu_sbatch_disaggregated(slurm_cluster: LocalSlurm, tmp_path: Path
     assert list((out / "logs" / "node2").glob("sglang-*.log")), _tail(log)
     assert not list((out / "logs").glob("sglang-*.log")), "the trainer node launched a server too"
     assert (out / "engines" / "stop").is_file()  # the trainer stopped the engine node at the end
+
+
+def test_tiny_cpu_sbatch_engines_on_every_node(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    port = free_port()
+    placement = [
+        "cluster.colocated_engines=every_node",
+        f"cluster.engine_port={port}",
+        "rollout.weight_sync.transport=distributed",
+    ]
+    job = slurm_cluster.submit([str(TINY), *placement], cwd=ROOT, export=_export(out), output=log)
+    info = slurm_cluster.wait(job, timeout=900)
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (info, _tail(log))
+    _check_metrics(out)
+    # node k's trainer task served its own engine on engine_port + k; rank 0 sent requests to both
+    for k, node in enumerate(["node1", "node2"]):
+        engine_log = out / "logs" / node / f"sglang-{port + k}.log"
+        assert engine_log.is_file() and "POST /generate" in engine_log.read_text(), (engine_log, _tail(log))
+    assert not list((out / "logs").glob("sglang-*.log")), "rank 0 launched a server of its own as well"

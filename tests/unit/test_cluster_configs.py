@@ -16,22 +16,22 @@ from megatron_sapo.run_config import JobConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
+COLOCATED = [
+    "cluster.placement=colocated",
+    "cluster.engine_nodes=0",
+    "rollout.num_engines=2",
+    "rollout.server.tp_size=4",
+    "rollout.server.mem_fraction_static=0.45",
+]
+FIRST_NODE = ["cluster.colocated_engines=first_node", "rollout.weight_sync.transport=tensor"]
+EVERY_NODE = ["cluster.colocated_engines=every_node", "rollout.weight_sync.transport=distributed"]
 # config -> (overrides the sbatch script adds, trainer world size): 30B-A3B on 4 nodes x 8 GPUs
-# disaggregated (3 train nodes) and colocated (examples/slurm/qwen3_30b_a3b_sapo.sbatch), 8B on 1 node
+# disaggregated (3 train nodes) and colocated on node 1 / every node (PLACEMENT=colocated /
+# colocated-every-node in examples/slurm/qwen3_30b_a3b_sapo.sbatch), 8B on 1 node
 CASES = {
     "30b-disaggregated": ("qwen3_30b_a3b_sapo.yaml", [], 24),
-    "30b-colocated": (
-        "qwen3_30b_a3b_sapo.yaml",
-        [
-            "cluster.placement=colocated",
-            "cluster.engine_nodes=0",
-            "rollout.num_engines=2",
-            "rollout.server.tp_size=4",
-            "rollout.server.mem_fraction_static=0.45",
-            "rollout.weight_sync.transport=tensor",
-        ],
-        32,
-    ),
+    "30b-colocated": ("qwen3_30b_a3b_sapo.yaml", [*COLOCATED, *FIRST_NODE], 32),
+    "30b-colocated-every-node": ("qwen3_30b_a3b_sapo.yaml", [*COLOCATED, *EVERY_NODE], 32),
     "8b-colocated": ("qwen3_8b_sapo.yaml", [], 8),
 }
 
@@ -47,7 +47,7 @@ def test_cluster_config_loads_and_fits(case: str) -> None:
     assert cfg.model.dtype == "bfloat16" and cfg.rollout.server.device == "cuda"
     assert cfg.rollout.sampling.temperature == 1.0 and cfg.rollout.sampling.top_p == 1.0
     if cfg.cluster.placement == "colocated":
-        # the engines run on trainer rank 0's node: they must fit its GPUs
+        # the engines run on trainer rank 0's node (or each node): they must fit a node's GPUs
         assert cfg.rollout.num_engines * cfg.rollout.server.tp_size <= cfg.cluster.gpus_per_node
     else:
         assert cfg.cluster.engines_per_node * cfg.rollout.server.tp_size <= cfg.cluster.gpus_per_node

@@ -14,7 +14,15 @@ import pytest
 
 from megatron_sapo.config import ConfigError, from_dict
 from megatron_sapo.engine_nodes import serve_engine_node, stop_engines_at_exit, stop_marker
-from megatron_sapo.launch import Launch, LayoutError, engine_urls, expand_nodelist, resolve
+from megatron_sapo.launch import (
+    Launch,
+    LayoutError,
+    engine_urls,
+    every_node_engines,
+    expand_nodelist,
+    node_engine_ports,
+    resolve,
+)
 from megatron_sapo.run_config import ClusterConfig, JobConfig, ParallelConfig
 
 NODES = ["gpu01", "gpu02", "gpu03", "gpu04"]
@@ -232,6 +240,49 @@ def test_disaggregated_torchrun_store_on_the_first_train_node_gets_the_next_port
     assert (launch.master_addr, launch.master_port) == ("gpu01", PORT + 1)
 
 
+# ---- colocated engines on every node --------------------------------------------------------------
+EVERY = ClusterConfig(colocated_engines="every_node", engine_port=31000)
+
+
+@pytest.mark.parametrize("procid", [0, 13, 31])
+def test_every_node_engine_urls(procid: int) -> None:
+    launch = resolve(srun_env(procid), EVERY, TP2_EP4, cuda_devices=1)
+    assert every_node_engines(launch, EVERY) and launch.role == "trainer"
+    # train node k serves engines on 31000 + 2k + i, i < 2 (rollout.num_engines = 2)
+    expected = [f"http://gpu0{k + 1}:{31000 + 2 * k + i}" for k in range(4) for i in range(2)]
+    assert engine_urls(launch, EVERY, 2) == expected
+    k = procid // 8
+    assert node_engine_ports(EVERY, k, 2) == [31000 + 2 * k, 31001 + 2 * k]
+    assert f"http://{NODES[k]}:{31000 + 2 * k}" in expected
+
+
+def test_every_node_engines_on_the_steps_nodes_only() -> None:
+    env = srun_env(9, ntasks=16, SLURMD_NODENAME="gpu04", SLURM_STEP_NODELIST="gpu[03-04]")
+    env["SLURM_STEP_TASKS_PER_NODE"] = "8(x2)"
+    launch = resolve(env, EVERY, TP2_EP4, cuda_devices=1)
+    assert engine_urls(launch, EVERY, 1) == ["http://gpu03:31000", "http://gpu04:31001"]
+
+
+def test_first_node_and_single_node_engines_are_launched_by_rank_0() -> None:
+    launch = resolve(srun_env(0), COLOCATED, TP2_EP4, cuda_devices=1)
+    assert not every_node_engines(launch, COLOCATED) and engine_urls(launch, COLOCATED, 2) == []
+    alone = resolve({}, EVERY, ParallelConfig())  # one node: "every_node" is rank 0's node
+    assert not every_node_engines(alone, EVERY) and engine_urls(alone, EVERY, 2) == []
+
+
+def test_every_node_with_tensor_transport_is_a_layout_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megatron_sapo.run_parts import init_distributed
+
+    for name, value in srun_env(2, ntasks=4, per_node=1).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x4)")
+    cfg = from_dict(JobConfig, {"cluster": {"colocated_engines": "every_node"}})
+    assert cfg.rollout.weight_sync.transport == "tensor"  # the default
+    with pytest.raises(LayoutError) as info:
+        init_distributed(cfg)  # raises before joining any process group
+    assert "rollout.weight_sync.transport" in str(info.value) and "4 nodes" in str(info.value)
+
+
 # ---- layout errors ------------------------------------------------------------------------------
 def _error(env: dict[str, str], cluster: ClusterConfig, parallel: ParallelConfig, cuda: int = 0) -> str:
     with pytest.raises(LayoutError) as info:
@@ -275,6 +326,12 @@ def test_error_disaggregated_without_node_names() -> None:
     assert "cluster.placement" in msg and "SLURM_JOB_NODELIST" in msg
 
 
+def test_error_every_node_without_node_names() -> None:
+    env = {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    msg = _error(env, EVERY, ParallelConfig())
+    assert "cluster.colocated_engines" in msg and "SLURM_JOB_NODELIST" in msg
+
+
 def test_error_bad_integer() -> None:
     msg = _error(srun_env(0, SLURM_PROCID="x"), COLOCATED, ParallelConfig())
     assert "SLURM_PROCID" in msg
@@ -293,6 +350,15 @@ def test_error_bad_integer() -> None:
             "rollout.engine",
         ),
         ({"cluster": {"placement": "spread"}}, "cluster.placement"),
+        ({"cluster": {"colocated_engines": "some_nodes"}}, "cluster.colocated_engines"),
+        (
+            {"cluster": {"colocated_engines": "every_node"}, "rollout": {"engine": "transformers"}},
+            "cluster.colocated_engines",
+        ),
+        (
+            {"cluster": {"colocated_engines": "every_node"}, "rollout": {"urls": ["http://h:1"]}},
+            "rollout.urls",
+        ),
         ({"cluster": {"engine_port": 70000}}, "cluster.engine_port"),
     ],
 )
