@@ -9,7 +9,10 @@
 CPU servers get SGLang's CPU flags (torch-native attention and sampling, no CUDA graphs, fp32, a bounded
 KV pool — else it is sized from host RAM and the scheduler is OOM-killed) and the rotary-kernel
 stand-in on their PYTHONPATH (`cpu_shim/`); GPU servers get neither. See ../shared/DESIGN.md.
-Tests: tests/rollout/test_sglang_server.py.
+Each server runs under `orphan_guard.py`, the leader of its process group, which ends the group when the
+process that launched it dies without `stop()` (SIGKILL, OOM kill): no server keeps its port and GPU memory
+after its trainer is gone.
+Tests: tests/e2e/test_sglang_engine.py, tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from megatron_sapo.utils.spawn import free_port
 log = logging.getLogger(__name__)
 
 CPU_SHIM_DIR = Path(__file__).resolve().parent / "cpu_shim"
+ORPHAN_GUARD = Path(__file__).resolve().parent / "orphan_guard.py"
 DEVICES = ("cpu", "cuda")
 
 
@@ -131,8 +135,14 @@ class SGLangServer:
         with open(self.log_path, "ab") as fh:
             fh.write(f"\n==== start {time.strftime('%F %T')}: {' '.join(self.command())}\n".encode())
             fh.flush()
+            # the guard leads the server's process group and ends it if this process dies without stop()
+            guard = [sys.executable, str(ORPHAN_GUARD), str(os.getpid()), "--"]
             self._proc = subprocess.Popen(
-                self.command(), stdout=fh, stderr=subprocess.STDOUT, env=self._env(), start_new_session=True
+                guard + self.command(),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+                start_new_session=True,
             )
 
     def wait_ready(self, timeout: float) -> None:

@@ -6,6 +6,13 @@ Run: `python -m pytest tests/e2e/test_sglang_engine.py -q` (starts two tiny serv
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import requests
 import torch
@@ -137,3 +144,48 @@ def test_a_port_taken_before_binding_relaunches_elsewhere(sglang_servers, tiny_m
     finally:
         server.stop()
     assert sglang_servers["dense"].healthy()  # the other server was left alone
+
+
+LAUNCHER = """
+import sys, time
+from megatron_sapo.rollout.server import ServerConfig, SGLangServer
+server = SGLangServer(ServerConfig(model_path=sys.argv[1], log_dir=sys.argv[2]))
+server.start()
+print(server.port, server._proc.pid, flush=True)
+time.sleep(900)
+"""
+
+
+def test_a_server_ends_with_the_process_that_launched_it(tiny_models, tmp_path) -> None:
+    """A trainer SIGKILLed (no stop()) must not leave its SGLang server holding the port (and GPU memory):
+    the server's group leader notices its parent is gone and ends the group."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tiny_models["dense"]), str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    group = None
+    try:
+        port, group = map(int, launcher.stdout.readline().split())
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the SGLang server's process group outlived its launcher by 60 s")
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+        log = next(tmp_path.glob("sglang-*.log")).read_text()
+        assert f"process {launcher.pid} that started this server is gone" in log
+    finally:
+        for pgid in (group, launcher.pid):
+            if pgid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
