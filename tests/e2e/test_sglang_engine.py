@@ -1,7 +1,8 @@
 """The SGLang rollout engine against a real CPU SGLang server: log-probs, sampling, finish, bad input.
 
 References are independent of the engine: transformers' teacher-forced forward of the same checkpoint.
-Run: `python -m pytest tests/e2e/test_sglang_engine.py -q` (starts two tiny servers, ~1 min).
+Run: `python -m pytest tests/e2e/test_sglang_engine.py -q` (starts two tiny servers, and two more for the
+port-race and orphan tests, ~3 min).
 """
 
 from __future__ import annotations
