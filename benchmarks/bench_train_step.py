@@ -39,7 +39,7 @@ def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -
     from megatron.core import parallel_state
 
     from megatron_sapo.megatron.batching import Sample, shard_for_data_parallel
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
 
     torch.set_num_threads(max(1, args["threads"] // world_size))
@@ -56,7 +56,7 @@ def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -
     engine = PolicyEngine(
         provider,
         OptimConfig(lr=1e-4),
-        TrainConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["budget"]),
+        LossConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["budget"]),
     )
     generator = torch.Generator().manual_seed(0)
     samples = []

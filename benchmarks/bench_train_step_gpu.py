@@ -37,7 +37,7 @@ def _bench(rank: int, world_size: int, args: dict) -> dict:
     from transformers import Qwen3Config
 
     from megatron_sapo.megatron.batching import Sample
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model, transformer_config_from_hf
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
@@ -63,7 +63,7 @@ def _bench(rank: int, world_size: int, args: dict) -> dict:
     engine = PolicyEngine(
         provider,
         OptimConfig(lr=1e-6),
-        TrainConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["micro_batch_tokens"]),
+        LossConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["micro_batch_tokens"]),
     )
     # TP-split parameters hold 1/tp of the tensor on each rank; replicated ones (norms) count once.
     params = sum(

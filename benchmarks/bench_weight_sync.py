@@ -24,24 +24,24 @@ import torch
 from transformers import AutoConfig, Qwen3Config
 
 from megatron_sapo.rollout.server import ServerConfig, SGLangServer
-from megatron_sapo.tiny import save_tiny_model, train_tokenizer
 from megatron_sapo.utils.spawn import run_on_ranks
+from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 
 TRANSPORTS = ("disk", "tensor", "distributed")
 
 
 def _bench(rank, world, url, model_dir, disk_dir, tp, repeats, bucket_mib):
     from megatron_sapo.bridge.load import load_hf_weights
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
     from megatron_sapo.rollout.client import SGLangEngine
-    from megatron_sapo.rollout.guard import check_weight_sync
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import check_weight_sync
 
     init_megatron_cpu(tp=tp)
     config = AutoConfig.from_pretrained(model_dir)
-    policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), TrainConfig())
+    policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), LossConfig())
     load_hf_weights(policy.model, config, model_dir)
     engine = SGLangEngine([url], model_path=model_dir) if rank == 0 else None
     out = {}

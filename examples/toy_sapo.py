@@ -34,7 +34,7 @@ from transformers import Qwen3MoeConfig
 from megatron_sapo.losses import LOSSES, group_advantages
 from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.cpu import causal_attention_mask, enable_cpu_compat, model_parallel_manual_seed
-from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
 from megatron_sapo.megatron.models import build_gpt_model
 from megatron_sapo.utils.spawn import free_port
 
@@ -96,7 +96,7 @@ def main() -> None:
     engine = PolicyEngine(
         partial(build_gpt_model, POLICY),
         OptimConfig(lr=args.lr, clip_grad=1.0),
-        TrainConfig(mini_batches=args.mini_batches, loss=args.loss, loss_params={}),
+        LossConfig(mini_batches=args.mini_batches, name=args.loss),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []

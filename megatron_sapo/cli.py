@@ -44,16 +44,16 @@ def _job_config_class() -> type:
     torch_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron_sapo.run_config import JobConfig
+        from megatron_sapo.train.config import TrainJobConfig
     torch_log.setLevel(level)
-    return JobConfig
+    return TrainJobConfig
 
 
 class _TrainHelp(argparse.Action):
     """`train --help`: the usage plus every config key (the sections are imported only when asked)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace, values, option_string=None) -> None:
-        from megatron_sapo.config import describe_config
+        from megatron_sapo.utils.typed_config import describe_config
 
         parser.epilog = (
             "config keys (YAML: one mapping per section; override any as dotted.key=value):\n\n"
@@ -64,7 +64,7 @@ class _TrainHelp(argparse.Action):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from megatron_sapo.config import ConfigError, from_dict, read_config_data, save_config
+    from megatron_sapo.utils.typed_config import ConfigError, from_dict, read_config_data, save_config
 
     try:
         data = read_config_data(args.config, args.overrides)  # fails fast, before the heavy imports
@@ -79,13 +79,13 @@ def _train(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
             return 2
+    from megatron_sapo.cluster.launch import LayoutError
     from megatron_sapo.data import DataError
-    from megatron_sapo.launch import LayoutError
     from megatron_sapo.rollout import RolloutError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megatron_sapo").setLevel(logging.INFO if not cfg.run.progress else logging.WARNING)
-    trainer = importlib.import_module("megatron_sapo.trainer")  # via sys.modules: tests may stub it
+    trainer = importlib.import_module("megatron_sapo.train.loop")  # via sys.modules: tests may stub it
     try:
         return trainer.run(cfg) or 0
     except LayoutError as e:  # processes / nodes / GPUs that do not fit the config: names the setting

@@ -11,7 +11,7 @@ is one new file that uses `@register_loss`, imported below.
 from megatron_sapo.losses import grpo, gspo, sapo  # noqa: F401  (registers the losses)
 from megatron_sapo.losses.advantages import group_advantages
 from megatron_sapo.losses.aggregation import AGGREGATIONS, aggregate, count_for_normalizer
-from megatron_sapo.losses.registry import LOSSES, compute_policy_loss, register_loss
+from megatron_sapo.losses.registry import LOSSES, compute_policy_loss, loss_parameters, register_loss
 
 __all__ = [
     "AGGREGATIONS",
@@ -20,5 +20,6 @@ __all__ = [
     "compute_policy_loss",
     "count_for_normalizer",
     "group_advantages",
+    "loss_parameters",
     "register_loss",
 ]

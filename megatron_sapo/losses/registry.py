@@ -112,6 +112,14 @@ def compute_policy_loss(
     return loss, metrics
 
 
+def loss_parameters(name: str) -> dict[str, float | None]:
+    """The registered loss `name`'s own keyword parameters and their defaults (None: it has none)."""
+    params = inspect.signature(LOSSES[name]).parameters.values()
+    return {
+        p.name: None if p.default is p.empty else float(p.default) for p in params if p.kind is p.KEYWORD_ONLY
+    }
+
+
 def _check_params(name: str, fn: LossFn, params: dict[str, float]) -> None:
     accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(params) - set(accepted))

@@ -5,7 +5,7 @@
 `OptimizerParamScheduler`; it runs every forward/backward through `get_forward_backward_func`, so the
 same code serves TP, PP, virtual PP, DP and EP (gloo on CPU, NCCL on GPU)::
 
-    engine = PolicyEngine(model_provider, OptimConfig(lr=1e-6), TrainConfig(mini_batches=4))
+    engine = PolicyEngine(model_provider, OptimConfig(lr=1e-6), LossConfig(mini_batches=4))
     old = engine.compute_logprobs(samples)            # π_old pass, no grad; list of [n_response_i]
     metrics = engine.train_step(samples, old)         # one optimizer step per mini-batch
 
@@ -20,11 +20,11 @@ then divides each micro-batch loss by the number of micro-batches (schedules.for
 2-tuple losses) and DDP pre-scales gradients by 1/DP before summing them (`calculate_per_token_loss`
 False): the loss handed to the schedule is multiplied by num_microbatches · DP to undo both.
 
-Temperature (`TrainConfig.temperature`): every log-prob, in `compute_logprobs` and in the updates, is of
+Temperature (`PolicyEngine(..., temperature=T)`): every log-prob, in `compute_logprobs` and in the updates, is of
 softmax(logits / T), as SGLang reports them for rollouts sampled at T, so the ratio compares the same
 distributions (T = 1: the raw logits).
 
-MoE routing replay (`TrainConfig.routing_replay`, see `engine_routing`): "r2" records each sample's
+MoE routing replay (`LossConfig.routing_replay`, see `engine_routing`): "r2" records each sample's
 experts in `compute_logprobs` and replays them in every update forward; "r3" replays `Sample.routing`
 (the rollout engine's) in both. "off" installs no hook.
 
@@ -54,7 +54,13 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_sapo.losses import compute_policy_loss, count_for_normalizer
+from megatron_sapo.losses import (
+    AGGREGATIONS,
+    LOSSES,
+    compute_policy_loss,
+    count_for_normalizer,
+    loss_parameters,
+)
 from megatron_sapo.megatron.batching import (
     MicroBatch,
     Sample,
@@ -64,8 +70,9 @@ from megatron_sapo.megatron.batching import (
 )
 from megatron_sapo.megatron.engine_routing import REPLAY_MODES, EngineRouting
 from megatron_sapo.megatron.logprobs import vocab_parallel_logprobs
+from megatron_sapo.utils.typed_config import check, check_choice, check_min
 
-__all__ = ["OptimConfig", "PolicyEngine", "TrainConfig"]
+__all__ = ["LossConfig", "OptimConfig", "PolicyEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,35 +108,37 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """How a rollout batch becomes optimizer steps, and which policy loss."""
+class LossConfig:
+    """The policy loss and how a rollout batch becomes optimizer steps (the `loss:` section of a run)."""
 
+    name: str = "sapo"
+    """Registered policy loss (megatron_sapo.losses): "sapo", "gspo", "gspo_token" or "grpo"."""
+    params: dict[str, float] = field(default_factory=dict)
+    """The loss's own parameters; a missing one takes the loss function's default (SAPO: tau_pos=1.0,
+    tau_neg=1.05; GRPO: eps_low=0.2, eps_high=0.27; GSPO: eps_low=3e-4, eps_high=4e-4)."""
+    aggregation: str = "seq-mean-token-mean"
+    """"seq-mean-token-mean" (SAPO paper: mean over sequences of each one's token mean) or "token-mean"."""
     mini_batches: int = 4
     """Optimizer steps per rollout batch (the SAPO paper uses 4)."""
     micro_batch_tokens: int = 8192
-    """Padded tokens (samples × longest) per micro-batch."""
-    loss: str = "sapo"
-    """Registered policy loss name (megatron_sapo.losses)."""
-    loss_params: dict[str, float] = field(default_factory=lambda: {"tau_pos": 1.0, "tau_neg": 1.05})
-    """The loss's own parameters (SAPO: tau_pos, tau_neg; GRPO/GSPO: eps_low, eps_high)."""
-    aggregation: str = "seq-mean-token-mean"
-    """"seq-mean-token-mean" (SAPO) or "token-mean"."""
+    """Padded tokens (samples × longest) per forward/backward micro-batch."""
     log_ratio_clamp: float = 20.0
-    """|logp − old_logp| clamp before exp."""
-    pad_token_id: int = 0
-    """Token id used for right padding (never predicted: masked out)."""
+    """|logp − old_logp| is clamped to this before exp (fp32 safety)."""
     routing_replay: str = "off"
-    """MoE routing replay: "off", "r2" (π_old pass's experts in the updates), "r3" (`Sample.routing`)."""
-    temperature: float = 1.0
-    """Log-probs (π_old and π_θ) are of softmax(logits / temperature): the rollouts' sampling temperature."""
+    """MoE routing replay: "off", "r2" (π_old pass's experts) or "r3" (the rollout engine's experts)."""
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"TrainConfig.temperature must be > 0, got {self.temperature}")
-        if self.routing_replay not in REPLAY_MODES:
-            raise ValueError(
-                f"TrainConfig.routing_replay must be one of {REPLAY_MODES}, got {self.routing_replay!r}"
-            )
+        check_choice(self.name, LOSSES, "name")
+        check_choice(self.aggregation, AGGREGATIONS, "aggregation")
+        check_choice(self.routing_replay, REPLAY_MODES, "routing_replay")
+        check_min(self, "mini_batches", "micro_batch_tokens")
+        check(self.log_ratio_clamp > 0, "log_ratio_clamp", f"must be > 0, got {self.log_ratio_clamp}")
+        accepted = loss_parameters(self.name)
+        unknown = sorted(set(self.params) - set(accepted))
+        takes = f"(loss {self.name!r} takes {', '.join(accepted) or 'none'})"
+        check(not unknown, "params", f"unknown parameter {', '.join(unknown)} {takes}")
+        needed = sorted(k for k, v in accepted.items() if v is None and k not in self.params)
+        check(not needed, "params", f"missing parameter {', '.join(needed)} {takes}")
 
 
 def _filler() -> Sample:
@@ -144,13 +153,19 @@ class PolicyEngine:
         self,
         model_provider: ModelProvider,
         optim: OptimConfig,
-        train: TrainConfig,
+        loss: LossConfig,
         *,
+        pad_token_id: int = 0,
+        temperature: float = 1.0,
         ddp_config: DistributedDataParallelConfig | None = None,
     ) -> None:
+        """`pad_token_id`: right padding (never predicted: masked out). `temperature`: every log-prob
+        (π_old and π_θ) is of softmax(logits / temperature), the rollouts' sampling temperature."""
         if parallel_state.get_context_parallel_world_size() != 1:
             raise NotImplementedError("context parallelism is not supported by PolicyEngine yet")
-        self.train_config = train
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"PolicyEngine temperature must be > 0 and finite, got {temperature}")
+        self.loss_config, self.pad_token_id, self.temperature = loss, pad_token_id, temperature
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.device = self.device or torch.device("cpu")
         self.model = self._build_model(model_provider, optim, ddp_config)
@@ -196,7 +211,7 @@ class PolicyEngine:
             config.variable_seq_lengths = len(self.model) == 1
         # "off" installs nothing: the routers run megatron's own top-k untouched.
         self.routing = (
-            None if train.routing_replay == "off" else EngineRouting(self.model, train.routing_replay)
+            None if loss.routing_replay == "off" else EngineRouting(self.model, loss.routing_replay)
         )
 
     def _build_model(
@@ -239,7 +254,7 @@ class PolicyEngine:
         interleaved = len(self.model) > 1
         groups = pack_micro_batches(
             [s.seq_len for s in samples],
-            self.train_config.micro_batch_tokens,
+            self.loss_config.micro_batch_tokens,
             min_count=pp if interleaved else 1,
         )
         count = torch.tensor([len(groups)], dtype=torch.long, device=self.device)
@@ -247,11 +262,11 @@ class PolicyEngine:
         # Interleaved 1F1B runs micro-batches in groups of PP per virtual stage: a multiple of PP.
         groups = pack_micro_batches(
             [s.seq_len for s in samples],
-            self.train_config.micro_batch_tokens,
+            self.loss_config.micro_batch_tokens,
             min_count=int(count),
             multiple_of=pp if interleaved else 1,
         )
-        pad = self.train_config.pad_token_id
+        pad = self.pad_token_id
         # Interleaved schedules exchange activations and gradients both ways in one p2p call; megatron's
         # shape exchange (variable_seq_lengths) then mis-pairs the two messages at PP=2 under gloo (same
         # peer both ways, see cpu.py): use one [B, T] for all micro-batches instead.
@@ -312,7 +327,7 @@ class PolicyEngine:
             # Logit columns >= the HF vocab are megatron's TP padding (`build_gpt_model` sets this;
             # models without the attribute are unpadded): transformers / SGLang have V columns only.
             vocab_size=getattr(self.model[-1].module, "unpadded_vocab_size", None),
-            temperature=self.train_config.temperature,
+            temperature=self.temperature,
             inplace_backward=inplace,
         )
 
@@ -384,7 +399,7 @@ class PolicyEngine:
             routing = self.routing.rows_for(samples, update=True)
         start = time.perf_counter()
         dp_group = parallel_state.get_data_parallel_group()
-        indices = split_mini_batches(list(range(len(samples))), self.train_config.mini_batches)
+        indices = split_mini_batches(list(range(len(samples))), self.loss_config.mini_batches)
         totals: dict[str, float] = {}
         losses, grad_norms, skipped, lr = [], [], 0, 0.0
         for k, idx in enumerate(indices):
@@ -426,7 +441,7 @@ class PolicyEngine:
         routing: list[torch.Tensor] | None = None,
     ) -> tuple[float, dict[str, float], float]:
         """Forward/backward one mini-batch and step; returns (loss, token-weighted stat sums, grad norm)."""
-        cfg = self.train_config
+        cfg = self.loss_config
         dp_group = parallel_state.get_data_parallel_group()
         dp_size = parallel_state.get_data_parallel_world_size()
         local = sum(count_for_normalizer(s.response_mask()[None], cfg.aggregation) for s in samples)
@@ -438,7 +453,7 @@ class PolicyEngine:
         def loss_func(batch, num_mb, logits):
             logp = self._logprobs(batch, logits, inplace=True)
             loss, metrics = compute_policy_loss(
-                cfg.loss,
+                cfg.name,
                 logp,
                 batch.old_logprobs,
                 batch.advantages,
@@ -446,7 +461,7 @@ class PolicyEngine:
                 aggregation=cfg.aggregation,
                 normalizer=normalizer,
                 log_ratio_clamp=cfg.log_ratio_clamp,
-                **cfg.loss_params,
+                **cfg.params,
             )
             # Undo the schedule's 1/num_microbatches and DDP's 1/DP (see the module docstring).
             return loss * (num_mb * dp_size), {

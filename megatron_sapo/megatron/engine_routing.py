@@ -47,7 +47,7 @@ class EngineRouting:
             raise ValueError(f"EngineRouting mode must be 'r2' or 'r3', got {mode!r}")
         config = model_chunks[0].config
         if not config.num_moe_experts:
-            raise ValueError(f"TrainConfig.routing_replay={mode!r} needs a MoE model (num_moe_experts unset)")
+            raise ValueError(f"LossConfig.routing_replay={mode!r} needs a MoE model (num_moe_experts unset)")
         if config.sequence_parallel:
             # Routers would see this TP rank's sequence shard: recording needs a TP all-gather and
             # replay a slice, neither of which has a test path on CPU yet.
@@ -84,7 +84,7 @@ class EngineRouting:
     def _external(self, sample: Sample) -> torch.Tensor:
         routing = sample.routing
         if routing is None:
-            raise ValueError("TrainConfig.routing_replay='r3' needs Sample.routing on every sample")
+            raise ValueError("LossConfig.routing_replay='r3' needs Sample.routing on every sample")
         if routing.shape[0] != self.num_moe_layers or routing.shape[2] != self.topk:
             raise ValueError(
                 f"Sample.routing must be [num_moe_layers={self.num_moe_layers}, L-1 or L, "

@@ -4,7 +4,6 @@ SGLang itself runs in the server subprocesses and is never imported here.
 """
 
 from megatron_sapo.rollout.client import SGLangEngine
-from megatron_sapo.rollout.guard import WeightSyncMismatch, check_weight_sync
 from megatron_sapo.rollout.server import ServerConfig, SGLangServer
 from megatron_sapo.rollout.types import Generation, RolloutEngine, RolloutError, SamplingParams
 from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
@@ -19,6 +18,4 @@ __all__ = [
     "ServerConfig",
     "WeightSync",
     "WeightSyncConfig",
-    "WeightSyncMismatch",
-    "check_weight_sync",
 ]

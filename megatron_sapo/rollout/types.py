@@ -30,7 +30,7 @@ class SamplingParams:
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy (training rollouts need > 0). Log-probs are of
     log_softmax(logits / temperature) (raw logits when greedy), as SGLang reports them and as the trainer
-    recomputes them (`TrainConfig.temperature`)."""
+    recomputes them (`PolicyEngine(..., temperature=T)`)."""
     top_p: float = 1.0
     """Nucleus sampling mass; 1.0 disables it (RL needs the full distribution to match the trainer)."""
     top_k: int = -1

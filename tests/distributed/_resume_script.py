@@ -64,14 +64,14 @@ def main() -> None:
 
     from megatron_sapo.megatron.batching import shard_for_data_parallel
     from megatron_sapo.megatron.checkpoint import load_checkpoint, save_checkpoint
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import init_megatron_cpu
 
     init_megatron_cpu()  # TP=PP=1: both ranks are data-parallel (ZeRO-sharded optimizer state)
     engine = PolicyEngine(
         _provider,
         OptimConfig(lr=1e-2, warmup_steps=1, decay_steps=8, weight_decay=0.01),
-        TrainConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=40),
+        LossConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=40),
     )
     objects = dict(model_chunks=engine.model, optimizer=engine.optimizer, scheduler=engine.scheduler)
     step, position = 0, 0

@@ -40,7 +40,7 @@ def _engine(*, moe: bool = False, dropout: float = 0.1):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import randomize_weights, tiny_gpt_config
 
     config = tiny_gpt_config(
@@ -76,7 +76,7 @@ def _engine(*, moe: bool = False, dropout: float = 0.1):
     return PolicyEngine(
         provide,
         OptimConfig(lr=1e-2, warmup_steps=1, decay_steps=8, weight_decay=0.01),
-        TrainConfig(mini_batches=2, micro_batch_tokens=40),
+        LossConfig(mini_batches=2, micro_batch_tokens=40),
     )
 
 

@@ -115,7 +115,7 @@ def _run_engine(rank: int, world_size: int, layout: dict, moe: bool, weights: di
     from megatron.core import parallel_state
 
     from megatron_sapo.megatron.batching import shard_for_data_parallel
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import randomize_weights
 
     _init(**layout)
@@ -129,7 +129,7 @@ def _run_engine(rank: int, world_size: int, layout: dict, moe: bool, weights: di
         # near-zero gradient entries (~1e-9 absolute) into 1e-5-sized update differences; eps = 1e-5
         # keeps the comparison about the gradients, not about that amplification.
         OptimConfig(lr=1e-2, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-5),
-        TrainConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET),
+        LossConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET),
     )
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
@@ -234,7 +234,7 @@ def test_train_step_matches_single_process(layout: str, reference: dict[bool, di
 
 
 def _non_finite(rank: int, world_size: int) -> dict:
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import randomize_weights
 
     _init()
@@ -245,7 +245,7 @@ def _non_finite(rank: int, world_size: int) -> dict:
         randomize_weights(model, WEIGHT_SEED)
         return model
 
-    engine = PolicyEngine(provide, OptimConfig(lr=1e-2), TrainConfig(mini_batches=2, micro_batch_tokens=1000))
+    engine = PolicyEngine(provide, OptimConfig(lr=1e-2), LossConfig(mini_batches=2, micro_batch_tokens=1000))
     samples = _samples()[:4]
     samples[0].advantage = float("nan")  # poisons the first mini-batch's gradient only
     before = [p.detach().clone() for p in engine.model[0].parameters()]

@@ -48,7 +48,7 @@ def _provider(weights: dict[str, torch.Tensor]):
 
 
 def _engine(weights: dict[str, torch.Tensor], replay: str, lr: float = 1e-2):
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
 
     return PolicyEngine(
         _provider(weights),
@@ -56,7 +56,7 @@ def _engine(weights: dict[str, torch.Tensor], replay: str, lr: float = 1e-2):
         # rounding noise in near-zero gradient entries into update differences (see test_engine_layouts);
         # the router noise saturates some routing probabilities, making such entries common: eps 1e-3.
         OptimConfig(lr=lr, weight_decay=0.0, clip_grad=1.0, adam_eps=1e-3),
-        TrainConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET, routing_replay=replay),
+        LossConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET, routing_replay=replay),
     )
 
 
@@ -245,19 +245,19 @@ def _r3(weights: dict) -> dict:
 
 def _errors(weights: dict) -> dict:
     from megatron_sapo.megatron.batching import Sample
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import build_tiny_gpt, tiny_gpt_config
 
     out = {}
     try:
-        TrainConfig(routing_replay="r4")
+        LossConfig(routing_replay="r4")
     except ValueError as e:
         out["bad_name"] = str(e)
     try:
         PolicyEngine(
             lambda pre, post, vp_stage=None: build_tiny_gpt(tiny_gpt_config(), vocab_size=VOCAB),
             OptimConfig(),
-            TrainConfig(routing_replay="r2"),
+            LossConfig(routing_replay="r2"),
         )
     except ValueError as e:
         out["dense"] = str(e)
@@ -338,7 +338,7 @@ def test_r3_uses_sample_routing_in_both_passes(single: dict) -> None:
 
 def test_errors_name_the_problem(single: dict) -> None:
     errors = single["errors"]
-    assert "TrainConfig.routing_replay" in errors["bad_name"]
+    assert "routing_replay" in errors["bad_name"] and "'r4'" in errors["bad_name"]
     assert "MoE" in errors["dense"]
     assert "routing must be" in errors["short_routing"]
     assert "Sample.routing" in errors["r3_missing"]

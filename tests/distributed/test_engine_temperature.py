@@ -1,7 +1,7 @@
 """`PolicyEngine` at a sampling temperature T ≠ 1 vs transformers, at TP=1 and TP=2 (gloo ranks).
 
 A tiny random Qwen3 (`tests.hf_reference`) is loaded into the engine through the bridge. With
-`TrainConfig(temperature=0.7)`:
+`PolicyEngine(..., temperature=0.7)`:
 - `compute_logprobs` equals log_softmax(logits / 0.7) of transformers' own forward at each response token
   (fp32, ≤ 1e-5), which is far from the temperature-1 log-probs;
 - one on-policy SAPO train step (one mini-batch, several micro-batches) sees ratio exactly 1
@@ -34,7 +34,7 @@ def _rank_fn(rank: int, world_size: int, tp: int) -> dict:
     from functools import partial
 
     from megatron_sapo.bridge import load_hf_weights
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
 
@@ -43,7 +43,8 @@ def _rank_fn(rank: int, world_size: int, tp: int) -> dict:
     engine = PolicyEngine(
         partial(build_gpt_model, hf_config),
         OptimConfig(lr=1e-3),
-        TrainConfig(mini_batches=1, micro_batch_tokens=TOKEN_BUDGET, temperature=TEMPERATURE),
+        LossConfig(mini_batches=1, micro_batch_tokens=TOKEN_BUDGET),
+        temperature=TEMPERATURE,
     )
     load_hf_weights(engine.model, hf_config, tiny_hf_model(hf_config, seed=HF_SEED).state_dict())
     samples = _samples()

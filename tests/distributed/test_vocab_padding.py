@@ -96,7 +96,7 @@ def _engine_rank_fn(rank: int, world_size: int, model: str) -> dict:
     from functools import partial
 
     from megatron_sapo.bridge import export_hf_weights, load_hf_weights
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
 
@@ -105,7 +105,7 @@ def _engine_rank_fn(rank: int, world_size: int, model: str) -> dict:
     engine = PolicyEngine(
         partial(build_gpt_model, hf_config),
         OptimConfig(lr=1e-3, weight_decay=0.1),
-        TrainConfig(mini_batches=1, micro_batch_tokens=TOKEN_BUDGET),
+        LossConfig(mini_batches=1, micro_batch_tokens=TOKEN_BUDGET),
     )
     load_hf_weights(engine.model, hf_config, tiny_hf_model(hf_config, seed=HF_SEED).state_dict())
     buckets = export_hf_weights(engine.model, hf_config, dst_ranks=(0,))

@@ -13,7 +13,7 @@ from transformers import Qwen3Config, Qwen3MoeConfig
 
 from megatron_sapo.rollout.client import SGLangEngine
 from megatron_sapo.rollout.server import ServerConfig, SGLangServer
-from megatron_sapo.tiny import save_tiny_model, train_tokenizer
+from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 
 _COMMON = dict(
     vocab_size=320,

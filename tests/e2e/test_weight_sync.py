@@ -27,13 +27,13 @@ def _policy(model_dir: str, *, tp: int, ep: int):
     from transformers import AutoConfig
 
     from megatron_sapo.bridge.load import load_hf_weights
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
 
     init_megatron_cpu(tp=tp, ep=ep)
     config = AutoConfig.from_pretrained(model_dir)
-    policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), TrainConfig())
+    policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), LossConfig())
     load_hf_weights(policy.model, config, model_dir)
     return policy, config
 
@@ -49,9 +49,9 @@ def _perturb(policy, seed: int) -> None:
 
 def _sync_all_transports(rank, world, url, model_dir, disk_dir, tp, ep):
     from megatron_sapo.rollout.client import SGLangEngine
-    from megatron_sapo.rollout.guard import WeightSyncMismatch, check_weight_sync
     from megatron_sapo.rollout.hf_engine import TransformersEngine
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import WeightSyncMismatch, check_weight_sync
 
     policy, config = _policy(model_dir, tp=tp, ep=ep)
     engines = {"sglang": SGLangEngine([url], model_path=model_dir) if rank == 0 else None}
@@ -97,10 +97,10 @@ def test_every_transport_makes_engine_match_trainer(
 
 def _restart_mid_rollout(rank, world, model_dir, log_dir):
     from megatron_sapo.rollout.client import SGLangEngine
-    from megatron_sapo.rollout.guard import check_weight_sync
     from megatron_sapo.rollout.server import ServerConfig, SGLangServer
     from megatron_sapo.rollout.types import SamplingParams
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import check_weight_sync
 
     policy, config = _policy(model_dir, tp=1, ep=1)
     server = SGLangServer(ServerConfig(model_path=model_dir, log_dir=log_dir))
@@ -150,8 +150,8 @@ def test_killed_server_restarts_resyncs_and_rollout_completes(tiny_models, tmp_p
 
 def _two_engines(rank, world, urls, model_dir):
     from megatron_sapo.rollout.client import SGLangEngine
-    from megatron_sapo.rollout.guard import check_weight_sync
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import check_weight_sync
 
     policy, config = _policy(model_dir, tp=1, ep=1)
     # request_batch=1: each probe is its own request, alternating between the two servers

@@ -110,7 +110,7 @@ def _train(rank: int, world_size: int, hf_config: Any, hf_state: dict, tp: int, 
     """π_old pass + one `train_step`; this rank's log-probs, metrics, params and last grads by name."""
     from megatron.core import parallel_state
 
-    from megatron_sapo.megatron.engine import OptimConfig, PolicyEngine, TrainConfig
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
 
     _init(tp=tp)
     dtype = getattr(torch, dtype_name)
@@ -121,7 +121,7 @@ def _train(rank: int, world_size: int, hf_config: Any, hf_state: dict, tp: int, 
     engine = PolicyEngine(
         provide,
         OptimConfig(lr=LR, clip_grad=0.0),
-        TrainConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET),
+        LossConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET),
     )
     module = engine.model[0].module
     before = {n: p.detach().float().cpu().clone() for n, p in module.named_parameters()}

@@ -19,7 +19,7 @@ from megatron_sapo.rollout.client import SGLangEngine
 from megatron_sapo.rollout.server import ServerConfig, SGLangServer
 from megatron_sapo.rollout.sglang_updates import SGLangWeightUpdater
 from megatron_sapo.rollout.types import SamplingParams
-from megatron_sapo.tiny import save_tiny_model, train_tokenizer
+from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 
 
 def test_release_resume_and_cuda_ipc_sync(tmp_path) -> None:

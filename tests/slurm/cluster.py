@@ -62,7 +62,7 @@ def _slurm_conf(base: Path, ctld_port: int, node_ports: list[int], srun_ports: i
     # - SlurmdParameters=config_overrides: each emulated node claims the CPUs written here;
     # - MinJobAge: keep finished jobs visible to `scontrol show job` (there is no accounting database);
     # - FirstJobId: random, so two sessions' jobs differ, and with them the rendezvous port that
-    #   megatron_sapo/launch.py derives from the job id (20000 + id % 10000);
+    #   megatron_sapo/cluster/launch.py derives from the job id (20000 + id % 10000);
     # - %n in slurmd paths: one spool/pid/log per emulated node (multiple-slurmd).
     return f"""\
 ClusterName=msapotest

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_sapo.tiny import save_tiny_model, train_tokenizer
+from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 from tests.e2e.conftest import tiny_configs
 from tests.hf_reference import load_checkpoint
 from tests.slurm.cluster import LocalSlurm

@@ -71,7 +71,7 @@ def test_tiny_cpu_sbatch_trains_across_two_nodes(slurm_cluster: LocalSlurm, tmp_
     _check_metrics(out)
 
     text = log.read_text()
-    # trainer rank 0 logs where it runs (megatron_sapo/launch.py, Launch.describe): one world of 2 ranks
+    # trainer rank 0 logs where it runs (megatron_sapo/cluster/launch.py, Launch.describe): one world of 2 ranks
     # over both nodes, one per node; srun --label prefixes every line with the task id
     launch = [x for x in text.splitlines() if "launch: slurm" in x]
     assert launch, _tail(log)

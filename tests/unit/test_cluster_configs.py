@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sapo.config import load_config
-from megatron_sapo.launch import check_parallel_layout
-from megatron_sapo.run_config import JobConfig
+from megatron_sapo.cluster.launch import check_parallel_layout
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.utils.typed_config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_cluster_config_loads_and_fits(case: str) -> None:
     name, overrides, world = CASES[case]
-    cfg = load_config(JobConfig, ROOT / "configs" / name, overrides)
+    cfg = load_config(TrainJobConfig, ROOT / "configs" / name, overrides)
     check_parallel_layout(cfg.parallel, world)
     assert cfg.loss.name == "sapo" and cfg.loss.mini_batches == 4
     assert cfg.loss.params == {"tau_pos": 1.0, "tau_neg": 1.05}

@@ -18,7 +18,12 @@ from unittest.mock import ANY
 import pytest
 
 from megatron_sapo.cli import main
-from megatron_sapo.config import (
+from megatron_sapo.losses import loss_parameters
+from megatron_sapo.megatron.engine import LossConfig, OptimConfig
+from megatron_sapo.rollout.config import RolloutConfig
+from megatron_sapo.rollout.server import ServerConfig
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.utils.typed_config import (
     ConfigError,
     config_keys,
     describe_config,
@@ -26,9 +31,6 @@ from megatron_sapo.config import (
     field_docs,
     load_config,
 )
-from megatron_sapo.megatron.engine import OptimConfig, TrainConfig
-from megatron_sapo.rollout.server import ServerConfig
-from megatron_sapo.run_config import JobConfig, LossConfig, RolloutConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -54,16 +56,12 @@ def _sections(cls: type) -> list[type]:
 
 
 def test_sampling_temperature_reaches_the_trainer_and_must_be_positive():
-    cfg = load_config(JobConfig, None, ["rollout.sampling.temperature=0.7"])
+    cfg = load_config(TrainJobConfig, None, ["rollout.sampling.temperature=0.7"])
     assert cfg.rollout.sampling.temperature == 0.7
-    assert cfg.loss.to_train_config(pad_token_id=0, temperature=0.7).temperature == 0.7
-    for bad in ("0", "-0.5", "nan", "inf"):  # -0.5: SamplingParams' own check; the rest JobConfig's
+    for bad in ("0", "-0.5", "nan", "inf"):  # -0.5: SamplingParams' own check; the rest TrainJobConfig's
         with pytest.raises(ConfigError, match=r"^rollout\.sampling\.temperature: must be >=? 0") as exc:
-            load_config(JobConfig, None, [f"rollout.sampling.temperature={bad}"])
+            load_config(TrainJobConfig, None, [f"rollout.sampling.temperature={bad}"])
         assert "\n" not in str(exc.value)
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=r"TrainConfig\.temperature must be > 0"):
-            TrainConfig(temperature=bad)
 
 
 def test_yaml_then_overrides_land_in_typed_fields(tmp_path):
@@ -87,7 +85,7 @@ run:
 """,
     )
     cfg = load_config(
-        JobConfig,
+        TrainJobConfig,
         path,
         [
             "rollout.sampling.top_p=0.7",
@@ -108,8 +106,7 @@ run:
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-6
     assert cfg.loss.routing_replay == "off"
     assert cfg.loss.params == {"eps_high": 0.28}
-    train = cfg.loss.to_train_config(pad_token_id=0, temperature=1.0)
-    assert train.loss_params == {"eps_low": 0.2, "eps_high": 0.28}
+    assert loss_parameters("grpo") | cfg.loss.params == {"eps_low": 0.2, "eps_high": 0.28}
     assert cfg.data.system_prompt == "Answer: with a number"
     assert cfg.data.synthetic.ops == ("+", "*")  # tuple[str, ...] in ArithmeticTask
     assert cfg.data.synthetic.records(1, seed=0)[0].prompt.startswith("What is")
@@ -119,8 +116,8 @@ run:
 
 def test_loss_params_default_per_loss():
     def params(*overrides):
-        loss = load_config(JobConfig, None, list(overrides)).loss
-        return loss.to_train_config(pad_token_id=0, temperature=1.0).loss_params
+        loss = load_config(TrainJobConfig, None, list(overrides)).loss
+        return loss_parameters(loss.name) | loss.params  # what the loss function runs with
 
     assert params() == {"tau_pos": 1.0, "tau_neg": 1.05}
     assert params("loss.params.tau_neg=1.1") == {"tau_pos": 1.0, "tau_neg": 1.1}
@@ -133,7 +130,7 @@ def test_loss_params_default_per_loss():
 
 def test_dump_load_round_trip(tmp_path):
     cfg = load_config(
-        JobConfig,
+        TrainJobConfig,
         QUICKSTART,
         [
             "rollout.sampling.stop=['\\n\\n', '<|im_end|>']",
@@ -149,13 +146,13 @@ def test_dump_load_round_trip(tmp_path):
         ],
     )
     assert cfg.rollout.server.weight_version == "7"
-    again = load_config(JobConfig, _write(tmp_path, dump_config(cfg)))
+    again = load_config(TrainJobConfig, _write(tmp_path, dump_config(cfg)))
     assert again == cfg
     assert dump_config(again) == dump_config(cfg)
 
 
 def test_quickstart_loads_and_lists_only_non_defaults():
-    cfg = load_config(JobConfig, QUICKSTART)
+    cfg = load_config(TrainJobConfig, QUICKSTART)
     assert cfg.model.path is None and cfg.model.tiny.architecture == "qwen3_moe"
     assert cfg.loss.name == "sapo" and cfg.loss.mini_batches == 4
     assert cfg.sft.steps > 0 and cfg.run.output_dir == "outputs/quickstart"
@@ -168,7 +165,7 @@ def test_quickstart_loads_and_lists_only_non_defaults():
             else:
                 yield f"{prefix}{k}", v
 
-    defaults = {k.key: k.default for k in config_keys(JobConfig)}
+    defaults = {k.key: k.default for k in config_keys(TrainJobConfig)}
     for key, value in leaves(yaml.safe_load(QUICKSTART.read_text())):
         assert defaults[key] != value, f"{key} repeats its default in quickstart.yaml"
 
@@ -209,7 +206,7 @@ ERRORS = [
 @pytest.mark.parametrize(("overrides", "expected"), ERRORS, ids=[e[0][0] for e in ERRORS])
 def test_errors_are_one_line_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError) as exc:
-        load_config(JobConfig, None, overrides)
+        load_config(TrainJobConfig, None, overrides)
     message = str(exc.value)
     assert expected in message
     assert "\n" not in message
@@ -217,14 +214,14 @@ def test_errors_are_one_line_naming_the_key(overrides, expected):
 
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"config file .*nope\.yaml: not found"):
-        load_config(JobConfig, tmp_path / "nope.yaml")
+        load_config(TrainJobConfig, tmp_path / "nope.yaml")
     bad = _write(tmp_path, "run:\n  steps: 3\n  seed: [1, 2\n")
     with pytest.raises(ConfigError, match=r"config file .*run\.yaml: line \d+: ") as exc:
-        load_config(JobConfig, bad)
+        load_config(TrainJobConfig, bad)
     assert "\n" not in str(exc.value)
     with pytest.raises(ConfigError, match="expected a mapping of sections, got list"):
-        load_config(JobConfig, _write(tmp_path, "- a\n- b\n", "list.yaml"))
-    assert load_config(JobConfig, _write(tmp_path, "# nothing\n", "empty.yaml")) == JobConfig()
+        load_config(TrainJobConfig, _write(tmp_path, "- a\n- b\n", "list.yaml"))
+    assert load_config(TrainJobConfig, _write(tmp_path, "# nothing\n", "empty.yaml")) == TrainJobConfig()
 
 
 @dataclass
@@ -258,7 +255,7 @@ def test_generic_machinery_on_any_dataclass_tree():
 
 
 def test_every_field_has_a_docstring():
-    sections = _sections(JobConfig)
+    sections = _sections(TrainJobConfig)
     assert len(sections) >= 14
     missing = [
         f"{cls.__name__}.{f.name}"
@@ -275,7 +272,7 @@ def test_train_help_lists_every_key(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: megatron-sapo train")
-    keys = config_keys(JobConfig)
+    keys = config_keys(TrainJobConfig)
     assert len(keys) > 80
     for k in keys:
         assert f"  {k.key}: {k.type} = " in out, k.key
@@ -284,14 +281,14 @@ def test_train_help_lists_every_key(capsys):
 
 def test_train_saves_resolved_config_and_calls_trainer(tmp_path, monkeypatch):
     seen = []
-    trainer = type(sys)("megatron_sapo.trainer")
+    trainer = type(sys)("megatron_sapo.train.loop")
     trainer.run = seen.append
-    monkeypatch.setitem(sys.modules, "megatron_sapo.trainer", trainer)
+    monkeypatch.setitem(sys.modules, "megatron_sapo.train.loop", trainer)
     out = tmp_path / "out"
     assert main(["train", str(QUICKSTART), f"run.output_dir={out}", "run.steps=3"]) == 0
     (cfg,) = seen
     assert cfg.run.steps == 3 and cfg.run.output_dir == str(out)
-    assert load_config(JobConfig, out / "config.yaml") == cfg
+    assert load_config(TrainJobConfig, out / "config.yaml") == cfg
 
 
 def test_cli_errors_exit_2_with_one_line(tmp_path):
@@ -322,19 +319,10 @@ def test_cli_errors_exit_2_with_one_line(tmp_path):
 
 
 def test_sections_build_the_components_objects(tmp_path):
-    cfg = load_config(JobConfig, None, ["loss.name=grpo", "loss.mini_batches=2", "rollout.server.port=3000"])
-    train = cfg.loss.to_train_config(pad_token_id=3, temperature=0.6)
-    assert train == TrainConfig(
-        mini_batches=2,
-        micro_batch_tokens=cfg.loss.micro_batch_tokens,
-        loss="grpo",
-        loss_params={"eps_low": 0.2, "eps_high": 0.27},
-        aggregation="seq-mean-token-mean",
-        log_ratio_clamp=20.0,
-        pad_token_id=3,
-        routing_replay="off",
-        temperature=0.6,
+    cfg = load_config(
+        TrainJobConfig, None, ["loss.name=grpo", "loss.mini_batches=2", "rollout.server.port=3000"]
     )
+    assert cfg.loss == LossConfig(name="grpo", mini_batches=2)  # the engine takes the section as it is
     (tmp_path / "config.json").write_text("{}")
     server = cfg.rollout.server_config(str(tmp_path))
     assert isinstance(server, ServerConfig)
@@ -342,9 +330,6 @@ def test_sections_build_the_components_objects(tmp_path):
     server_keys = {f.name for f in dataclasses.fields(ServerConfig)} - {"model_path"}
     assert {f.name for f in dataclasses.fields(type(cfg.rollout.server))} == server_keys
     assert pickle.loads(pickle.dumps(cfg)) == cfg  # travels to spawned processes
-    assert (
-        LossConfig().to_train_config(pad_token_id=0, temperature=1.0).loss_params == TrainConfig().loss_params
-    )
 
 
 def test_unwritable_output_dir_is_one_line(tmp_path, capsys):

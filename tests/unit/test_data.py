@@ -21,7 +21,7 @@ from megatron_sapo.data import (
     sft_text,
 )
 from megatron_sapo.rewards import exact_match, get_reward
-from megatron_sapo.tiny import train_tokenizer
+from megatron_sapo.utils.tiny import train_tokenizer
 
 DAPO_ROWS = [
     {

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sapo.config import ConfigError, from_dict
-from megatron_sapo.engine_nodes import serve_engine_node, stop_engines_at_exit, stop_marker
-from megatron_sapo.launch import (
+from megatron_sapo.cluster.config import ClusterConfig
+from megatron_sapo.cluster.engine_nodes import serve_engine_node, stop_engines_at_exit, stop_marker
+from megatron_sapo.cluster.launch import (
     Launch,
     LayoutError,
     engine_urls,
@@ -23,7 +23,9 @@ from megatron_sapo.launch import (
     node_engine_ports,
     resolve,
 )
-from megatron_sapo.run_config import ClusterConfig, JobConfig, ParallelConfig
+from megatron_sapo.megatron.parallel import ParallelConfig
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.utils.typed_config import ConfigError, from_dict
 
 NODES = ["gpu01", "gpu02", "gpu03", "gpu04"]
 JOB_ID = 12345
@@ -271,12 +273,12 @@ def test_first_node_and_single_node_engines_are_launched_by_rank_0() -> None:
 
 
 def test_every_node_with_tensor_transport_is_a_layout_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from megatron_sapo.run_parts import init_distributed
+    from megatron_sapo.train.setup import init_distributed
 
     for name, value in srun_env(2, ntasks=4, per_node=1).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("SLURM_TASKS_PER_NODE", "1(x4)")
-    cfg = from_dict(JobConfig, {"cluster": {"colocated_engines": "every_node"}})
+    cfg = from_dict(TrainJobConfig, {"cluster": {"colocated_engines": "every_node"}})
     assert cfg.rollout.weight_sync.transport == "tensor"  # the default
     with pytest.raises(LayoutError) as info:
         init_distributed(cfg)  # raises before joining any process group
@@ -364,13 +366,13 @@ def test_error_bad_integer() -> None:
 )
 def test_config_errors_name_the_key(overrides: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        from_dict(JobConfig, overrides)
+        from_dict(TrainJobConfig, overrides)
     assert str(info.value).startswith(key), str(info.value)
 
 
 def test_disaggregated_config_with_distributed_sync_is_accepted() -> None:
     cfg = from_dict(
-        JobConfig,
+        TrainJobConfig,
         {
             "cluster": {"placement": "disaggregated", "engine_nodes": 1},
             "rollout": {"weight_sync": {"transport": "distributed"}},
@@ -380,9 +382,9 @@ def test_disaggregated_config_with_distributed_sync_is_accepted() -> None:
 
 
 # ---- engine nodes: the stop marker ----------------------------------------------------------------
-def _disaggregated_job(out: Path) -> JobConfig:
+def _disaggregated_job(out: Path) -> TrainJobConfig:
     return from_dict(
-        JobConfig,
+        TrainJobConfig,
         {
             "cluster": {"placement": "disaggregated", "engine_nodes": 1},
             "rollout": {"weight_sync": {"transport": "distributed"}},
@@ -395,33 +397,37 @@ def _engine_launch(local_rank: int = 0) -> Launch:
     return resolve(srun_env(24 + local_rank), DISAGG, TP2_EP4)
 
 
+def _serve(cfg: TrainJobConfig, launch: Launch) -> int:
+    out = Path(cfg.run.output_dir)
+    return serve_engine_node(launch, cfg.cluster, cfg.rollout, output_dir=out, model_dir=out / "hf_init")
+
+
 def test_engine_node_other_local_ranks_exit_at_once(tmp_path: Path) -> None:
     cfg = _disaggregated_job(tmp_path)
-    assert serve_engine_node(cfg, _engine_launch(local_rank=3)) == 0
+    assert _serve(cfg, _engine_launch(local_rank=3)) == 0
 
 
 def test_engine_node_ignores_an_old_marker_and_stops_on_the_trainers_marker(tmp_path: Path) -> None:
     cfg = _disaggregated_job(tmp_path)
-    stop_marker(cfg).parent.mkdir(parents=True)
-    stop_marker(cfg).write_text("left by an earlier run\n")
+    stop_marker(tmp_path).parent.mkdir(parents=True)
+    stop_marker(tmp_path).write_text("left by an earlier run\n")
     result: list[int] = []
     # no model ever appears: the engine node waits for it until the trainers stop
-    waiter = threading.Thread(target=lambda: result.append(serve_engine_node(cfg, _engine_launch())))
+    waiter = threading.Thread(target=lambda: result.append(_serve(cfg, _engine_launch())))
     waiter.start()
     waiter.join(2.5)
     assert waiter.is_alive(), "the engine node took an earlier run's marker for its own"
     trainer0 = resolve(srun_env(0), DISAGG, TP2_EP4)
-    with pytest.raises(RuntimeError), stop_engines_at_exit(cfg, trainer0):
+    with pytest.raises(RuntimeError), stop_engines_at_exit(tmp_path, trainer0):
         raise RuntimeError("the trainer failed")  # the marker is written on errors too
     waiter.join(10)
     assert not waiter.is_alive() and result == [0]
 
 
 def test_only_trainer_rank_0_writes_the_stop_marker(tmp_path: Path) -> None:
-    cfg = _disaggregated_job(tmp_path)
-    with stop_engines_at_exit(cfg, resolve(srun_env(5), DISAGG, TP2_EP4)):
+    with stop_engines_at_exit(tmp_path, resolve(srun_env(5), DISAGG, TP2_EP4)):
         pass
-    assert not stop_marker(cfg).exists()
-    with stop_engines_at_exit(cfg, resolve(srun_env(0), DISAGG, TP2_EP4)):
+    assert not stop_marker(tmp_path).exists()
+    with stop_engines_at_exit(tmp_path, resolve(srun_env(0), DISAGG, TP2_EP4)):
         pass
-    assert stop_marker(cfg).is_file()
+    assert stop_marker(tmp_path).is_file()

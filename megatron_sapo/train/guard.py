@@ -3,7 +3,7 @@
     metrics = check_weight_sync(engine, policy, probe_prompts, version="12", threshold=0.05)
     # {"sync/logprob_diff_mean": ..., "sync/logprob_diff_max": ...}; raises WeightSyncMismatch above
 
-The engine samples a few responses at the trainer's temperature (`policy.train_config.temperature`, so
+The engine samples a few responses at the trainer's temperature (`policy.temperature`, so
 both sides' log-probs are of softmax(logits / T)); the trainer (`PolicyEngine.compute_logprobs`, any
 TP/PP/EP layout) scores the same tokens. Every trainer rank calls this (scoring is collective); rank 0
 generates and broadcasts the samples, so all ranks reach the same verdict. A sync that "succeeded" but
@@ -43,9 +43,9 @@ def check_weight_sync(
     """Mean and max |engine logp − trainer logp| over the generated tokens; raise above `threshold` (mean).
 
     `engine` is only used on global rank 0 (pass None elsewhere); `policy` has `compute_logprobs(samples)`
-    and `train_config.temperature` (a `PolicyEngine`).
+    and `temperature` (a `PolicyEngine`).
     """
-    temperature = policy.train_config.temperature
+    temperature = policy.temperature
     driver = not dist.is_initialized() or dist.get_rank() == 0
     payload: list[Any] = [None]
     if driver:

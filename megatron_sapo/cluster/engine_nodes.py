@@ -33,17 +33,19 @@ from pathlib import Path
 
 import requests
 
-from megatron_sapo.launch import Launch, every_node_engines, node_engine_ports
+from megatron_sapo.cluster.config import ClusterConfig
+from megatron_sapo.cluster.launch import Launch, every_node_engines, node_engine_ports
 from megatron_sapo.rollout import RolloutError, ServerConfig, SGLangServer
-from megatron_sapo.run_config import JobConfig
+from megatron_sapo.rollout.config import RolloutConfig
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 
 
-def stop_marker(cfg: JobConfig) -> Path:
-    return Path(cfg.run.output_dir) / "engines" / "stop"
+def stop_marker(output_dir: Path) -> Path:
+    """The file trainer rank 0 writes under the run's output directory to stop the engine nodes."""
+    return Path(output_dir) / "engines" / "stop"
 
 
 def _marker_state(path: Path) -> tuple[int, str] | None:
@@ -54,13 +56,13 @@ def _marker_state(path: Path) -> tuple[int, str] | None:
 
 
 @contextlib.contextmanager
-def stop_engines_at_exit(cfg: JobConfig, launch: Launch) -> Iterator[None]:
+def stop_engines_at_exit(output_dir: Path, launch: Launch) -> Iterator[None]:
     """Trainer rank 0 of a disaggregated run: write the stop marker when the run ends, however it ends."""
     try:
         yield
     finally:
         if launch.engine_nodes and launch.rank == 0:
-            path = stop_marker(cfg)
+            path = stop_marker(output_dir)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".stop.{os.getpid()}.tmp")
             # new content each time: never mistaken for an old marker
@@ -68,11 +70,14 @@ def stop_engines_at_exit(cfg: JobConfig, launch: Launch) -> Iterator[None]:
             tmp.replace(path)
 
 
-def serve_engine_node(cfg: JobConfig, launch: Launch) -> int:
-    """An engine node's process: local rank 0 serves until the stop marker appears; the others exit 0."""
+def serve_engine_node(
+    launch: Launch, cluster: ClusterConfig, rollout: RolloutConfig, *, output_dir: Path, model_dir: Path
+) -> int:
+    """An engine node's process: local rank 0 serves `model_dir` (once trainer rank 0 has written it) until
+    the stop marker under `output_dir` appears; the others exit 0."""
     if launch.local_rank != 0:
         return 0
-    marker = stop_marker(cfg)
+    marker = stop_marker(output_dir)
     # a marker left by an earlier run in this output_dir is not ours: only a change of it counts
     stale = _marker_state(marker)
 
@@ -81,12 +86,12 @@ def serve_engine_node(cfg: JobConfig, launch: Launch) -> int:
         return state is not None and state != stale
 
     node = launch.nodes[launch.node_rank]
-    model = _wait_for_model(cfg, stopped)
+    model = _wait_for_model(model_dir, rollout.server.startup_timeout, stopped)
     if model is None:
         log.warning("engine node %s: the trainers stopped before the model was ready", node)
         return 0
-    ports = [cfg.cluster.engine_port + i for i in range(cfg.cluster.engines_per_node)]
-    servers = launch_servers(cfg, node, model, ports)
+    ports = [cluster.engine_port + i for i in range(cluster.engines_per_node)]
+    servers = launch_servers(rollout, node, model, ports, log_dir=Path(output_dir) / "logs" / node)
     try:
         for s in servers:
             s.wait_ready(s.config.startup_timeout)
@@ -105,10 +110,8 @@ def serve_engine_node(cfg: JobConfig, launch: Launch) -> int:
     return 0
 
 
-def _wait_for_model(cfg: JobConfig, stopped: Callable[[], bool]) -> Path | None:
-    """The HF directory the servers load: model.path, or the tiny model trainer rank 0 writes."""
-    path = Path(cfg.model.path) if cfg.model.path else Path(cfg.run.output_dir) / "hf_init"
-    timeout = cfg.rollout.server.startup_timeout
+def _wait_for_model(path: Path, timeout: float, stopped: Callable[[], bool]) -> Path | None:
+    """`path` once it holds a config.json (model.path, or the tiny model trainer rank 0 writes)."""
     deadline = time.monotonic() + timeout
     while not (path / "config.json").is_file():
         if stopped():
@@ -135,15 +138,18 @@ def server_configs(base: ServerConfig, count: int, *, first_port: int | None = N
     return configs
 
 
-def launch_servers(cfg: JobConfig, node: str, model: Path, ports: list[int]) -> list[SGLangServer]:
-    """Start (without waiting) one SGLang server per port on this node, reachable from the other nodes."""
-    base = cfg.rollout.server_config(str(model))
+def launch_servers(
+    rollout: RolloutConfig, node: str, model: Path, ports: list[int], *, log_dir: Path
+) -> list[SGLangServer]:
+    """Start (without waiting) one SGLang server per port on this node, reachable from the other nodes;
+    their logs go to `log_dir` unless `rollout.server.log_dir` is set."""
+    base = rollout.server_config(str(model))
     base.host = socket.gethostbyname(node)
     if ipaddress.ip_address(base.host).is_loopback:
         # a node name mapped to 127.0.1.1 in /etc/hosts (Debian's default) would hide the servers from
         # the other nodes: listen everywhere instead
         base.host = "0.0.0.0"
-    base.log_dir = base.log_dir or str(Path(cfg.run.output_dir) / "logs" / node)
+    base.log_dir = base.log_dir or str(log_dir)
     configs = server_configs(base, len(ports), first_port=ports[0])
     servers = [SGLangServer(c) for c in configs]
     for s in servers:  # all load in parallel
@@ -152,16 +158,18 @@ def launch_servers(cfg: JobConfig, node: str, model: Path, ports: list[int]) -> 
 
 
 @contextlib.contextmanager
-def node_engines(cfg: JobConfig, model: Path, launch: Launch) -> Iterator[list[SGLangServer]]:
+def node_engines(
+    launch: Launch, cluster: ClusterConfig, rollout: RolloutConfig, *, model: Path, output_dir: Path
+) -> Iterator[list[SGLangServer]]:
     """Colocated "every_node": local rank 0 of each train node runs that node's `rollout.num_engines`
     servers for the duration of the block (started here, stopped at its end however it ends); every
     other process, and every other placement, gets []."""
-    if not every_node_engines(launch, cfg.cluster) or launch.local_rank != 0:
+    if not every_node_engines(launch, cluster) or launch.local_rank != 0:
         yield []
         return
     node = launch.nodes[launch.node_rank]
-    ports = node_engine_ports(cfg.cluster, launch.train_nodes.index(node), cfg.rollout.num_engines)
-    servers = launch_servers(cfg, node, model, ports)
+    ports = node_engine_ports(cluster, launch.train_nodes.index(node), rollout.num_engines)
+    servers = launch_servers(rollout, node, model, ports, log_dir=Path(output_dir) / "logs" / node)
     try:
         yield servers
     finally:

@@ -32,7 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_sapo.run_config import ClusterConfig, ParallelConfig
+from megatron_sapo.cluster.config import ClusterConfig
+from megatron_sapo.megatron.parallel import ParallelConfig
 
 __all__ = [
     "Launch",

@@ -1,10 +1,10 @@
 """Typed configuration: any tree of dataclasses ← a YAML file + dotted `key=value` overrides.
 
-    cfg = load_config(JobConfig, "configs/quickstart.yaml", ["run.steps=3", "model.path=null"])
-    text = dump_config(cfg)              # YAML; load_config(JobConfig, <file with text>) == cfg
-    print(describe_config(JobConfig))    # every dotted key, its type, default and docstring
+    cfg = load_config(TrainJobConfig, "configs/quickstart.yaml", ["run.steps=3", "model.path=null"])
+    text = dump_config(cfg)              # YAML; load_config(TrainJobConfig, <file with text>) == cfg
+    print(describe_config(TrainJobConfig))    # every dotted key, its type, default and docstring
 
-Nothing here knows the sections (they are in `run_config.py`): keys, types and docs come from the
+Nothing here knows the sections (the root is `train/config.py`): keys, types and docs come from the
 dataclasses' fields, their type hints (int, float, bool, str, `X | None`, Literal, list[...],
 dict[str, ...], nested dataclasses) and the string literal under each field. Every problem is a
 `ConfigError` whose message is one line naming the dotted key, e.g.
@@ -40,6 +40,7 @@ __all__ = [
     "ConfigKey",
     "check",
     "check_choice",
+    "check_min",
     "config_keys",
     "describe_config",
     "dump_config",
@@ -68,6 +69,13 @@ def check(condition: bool, key: str, message: str) -> None:
     """Raise `ConfigError(message, key=key)` unless `condition` (for sections' `__post_init__`)."""
     if not condition:
         raise ConfigError(message, key=key)
+
+
+def check_min(section: Any, *names: str, minimum: int = 1) -> None:
+    """Raise a ConfigError naming the first of `names` whose value (unless None) is below `minimum`."""
+    for name in names:
+        value = getattr(section, name)
+        check(value is None or value >= minimum, name, f"must be >= {minimum}, got {value}")
 
 
 def check_choice(value: Any, choices: Iterable[Any], key: str) -> None:

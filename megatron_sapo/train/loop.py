@@ -15,8 +15,9 @@ disaggregated engines) is `launch.py`; engine-node processes of a disaggregated 
 initial weights; no sample, probe or eval answer comes from them: a single-process trainer re-pushes the
 weights from a restart hook and retries; with several ranks the export is collective, so the interrupted
 rollout / guard / eval raises `EngineRestarted` on every rank, all ranks re-sync, and it is redone from
-scratch (`_with_resync`, at most MAX_ENGINE_RESTARTS times per call; counted as rollout/restarts). The run
-parts (model set-up, data, evaluation, outputs) live in `megatron_sapo/run_parts.py`.
+scratch (`_with_resync`, at most MAX_ENGINE_RESTARTS times per call; counted as rollout/restarts). The run's
+parts live beside it in `megatron_sapo/train/`: setup.py (processes, model), data.py, engines.py (rollout
+engine, rewards, eval), outputs.py (metrics, plots, final export), config.py (the config sections).
 Tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py.
 """
 
@@ -34,17 +35,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_sapo import run_parts as parts
-from megatron_sapo.engine_nodes import node_engines, serve_engine_node, stop_engines_at_exit
-from megatron_sapo.launch import Launch
+from megatron_sapo.cluster.engine_nodes import node_engines, serve_engine_node, stop_engines_at_exit
+from megatron_sapo.cluster.launch import Launch
 from megatron_sapo.losses import group_advantages
 from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from megatron_sapo.megatron.engine import PolicyEngine
 from megatron_sapo.megatron.models import build_gpt_model
-from megatron_sapo.rollout import RolloutError, SamplingParams, WeightSync, check_weight_sync
+from megatron_sapo.rollout import RolloutError, SamplingParams, WeightSync
 from megatron_sapo.rollout.client import EngineRestarted
-from megatron_sapo.run_config import JobConfig
+from megatron_sapo.train import engines, outputs, setup
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.train.data import RunData, load_data
+from megatron_sapo.train.guard import check_weight_sync
 
 log = logging.getLogger(__name__)
 
@@ -52,31 +55,35 @@ MAX_ENGINE_RESTARTS = 3
 """Server restarts one rollout / guard / eval call survives (each: re-sync, redo) before the run fails."""
 
 
-def run(cfg: JobConfig) -> int:
-    launch = parts.init_distributed(cfg)
+def run(cfg: TrainJobConfig) -> int:
+    launch = setup.init_distributed(cfg)
+    out = Path(cfg.run.output_dir)
     if launch.role == "engine":  # disaggregated: this node serves SGLang until the trainers stop it
-        return serve_engine_node(cfg, launch)
-    with stop_engines_at_exit(cfg, launch):
+        model_dir = setup.model_dir(cfg)
+        return serve_engine_node(launch, cfg.cluster, cfg.rollout, output_dir=out, model_dir=model_dir)
+    with stop_engines_at_exit(out, launch):
         return _train(cfg, launch)
 
 
-def _train(cfg: JobConfig, launch: Launch) -> int:
+def _train(cfg: TrainJobConfig, launch: Launch) -> int:
     out = Path(cfg.run.output_dir)
-    hf_dir = parts.prepare_model(cfg, out)
-    with node_engines(cfg, hf_dir, launch) as node_servers:  # colocated "every_node"; else none
+    hf_dir = setup.prepare_model(cfg, out)
+    with node_engines(
+        launch, cfg.cluster, cfg.rollout, model=hf_dir, output_dir=out
+    ) as node_servers:  # colocated "every_node"; else none
         return _train_with(cfg, out, hf_dir, launch, node_servers)
 
 
-def _train_with(cfg: JobConfig, out: Path, hf_dir: Path, launch: Launch, node_servers: list) -> int:
+def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, node_servers: list) -> int:
     driver = dist.get_rank() == 0
-    tokenizer, hf_config = parts.load_tokenizer_and_config(hf_dir)
-    data = parts.load_data(cfg, tokenizer)
+    tokenizer, hf_config = setup.load_tokenizer_and_config(hf_dir)
+    data = load_data(cfg, tokenizer)
     policy = PolicyEngine(
         partial(build_gpt_model, hf_config),
         cfg.optim,
-        cfg.loss.to_train_config(
-            pad_token_id=tokenizer.pad_token_id or 0, temperature=cfg.rollout.sampling.temperature
-        ),
+        cfg.loss,
+        pad_token_id=tokenizer.pad_token_id or 0,
+        temperature=cfg.rollout.sampling.temperature,
     )
     ckpt_root = out / "checkpoints"
     start = 0
@@ -91,17 +98,17 @@ def _train_with(cfg: JobConfig, out: Path, hf_dir: Path, launch: Launch, node_se
         load_hf_weights(policy.model, hf_config, hf_dir)
     for server in node_servers:  # this node's engines loaded while the policy was built
         server.wait_ready(server.config.startup_timeout)
-    writer = parts.MetricsWriter(out, cfg, resume_step=start) if driver else None
-    engine = parts.build_engine(cfg, hf_dir, out, launch) if driver else None
-    rewards = parts.build_reward_runner(cfg) if driver else None
+    writer = outputs.MetricsWriter(out, cfg, resume_step=start) if driver else None
+    engine = engines.build_engine(cfg, hf_dir, out, launch) if driver else None
+    rewards = engines.build_reward_runner(cfg) if driver else None
     try:
-        sync = WeightSync(engine, policy.model, hf_config, parts.weight_sync_config(cfg, launch))
+        sync = WeightSync(engine, policy.model, hf_config, engines.weight_sync_config(cfg, launch))
         if start == 0 and cfg.sft.steps:
             _cold_start(cfg, policy, data, writer)
         sync.sync(version=str(start))
         if driver:
             sync.resync_on_restart()
-        evaluate = partial(parts.evaluate, cfg, engine, data, rewards)
+        evaluate = partial(engines.evaluate, cfg, engine, data, rewards)
         if start == 0:
             acc, _ = _with_resync(partial(_from_driver, evaluate), sync, str(start), "eval")
             if writer:
@@ -123,7 +130,7 @@ def _train_with(cfg: JobConfig, out: Path, hf_dir: Path, launch: Launch, node_se
                     scheduler=policy.scheduler,
                     keep_last=cfg.run.keep_last or None,
                 )
-        parts.export_final_hf(cfg, policy, hf_config, hf_dir, out)
+        outputs.export_final_hf(cfg, policy, hf_config, hf_dir, out)
         if writer:
             writer.finish()
             writer.summary()
@@ -135,12 +142,13 @@ def _train_with(cfg: JobConfig, out: Path, hf_dir: Path, launch: Launch, node_se
     return 0
 
 
-def _cold_start(cfg: JobConfig, policy: PolicyEngine, data: parts.RunData, writer: Any) -> None:
+def _cold_start(cfg: TrainJobConfig, policy: PolicyEngine, data: RunData, writer: Any) -> None:
     """Supervised cold start: a policy-gradient step with advantage 1 at ratio 1 is exactly the gradient of
     the mean token log-likelihood of the demonstrations (one on-policy mini-batch per step)."""
-    train_config, routing = policy.train_config, policy.routing
+    loss_config, temperature, routing = policy.loss_config, policy.temperature, policy.routing
+    policy.loss_config = replace(loss_config, mini_batches=1)
     # temperature 1: the likelihood of the model itself, not of the rollouts' tempered distribution
-    policy.train_config = replace(train_config, mini_batches=1, temperature=1.0)
+    policy.temperature = 1.0
     # No routing replay: on-policy it replays the experts the router picks anyway, and its rounding-level
     # differences would make loss.routing_replay change the cold-start model (runs compared by loss
     # must start from the same one).
@@ -153,23 +161,23 @@ def _cold_start(cfg: JobConfig, policy: PolicyEngine, data: parts.RunData, write
         metrics = policy.train_step(samples)
         if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
             writer.log_sft(step, metrics, time.perf_counter() - started)
-    policy.train_config, policy.routing = train_config, routing
+    policy.loss_config, policy.temperature, policy.routing = loss_config, temperature, routing
     # the RL schedule (warm-up included) starts after the cold start
     policy.scheduler.num_steps = 0
     policy.scheduler.step(increment=0)
 
 
 def _rl_step(
-    cfg: JobConfig,
+    cfg: TrainJobConfig,
     step: int,
     policy: PolicyEngine,
     engine: Any,
     rewards: Any,
-    data: parts.RunData,
+    data: RunData,
     sync: WeightSync,
 ) -> dict[str, float]:
     t0 = time.perf_counter()
-    lend = dist.get_rank() == 0 and parts.colocated_gpu_engine(cfg, engine)
+    lend = dist.get_rank() == 0 and engines.colocated_gpu_engine(cfg, engine)
     rollout = partial(_rollout, cfg, step, engine, rewards, data)
     (rows, stats), restarts = _with_resync(partial(_from_driver, rollout), sync, str(step), "rollout")
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
@@ -255,7 +263,7 @@ def _with_resync(call: Callable[[], Any], sync: WeightSync, version: str, what: 
     raise AssertionError("unreachable")
 
 
-def _rollout(cfg: JobConfig, step: int, engine: Any, rewards: Any, data: parts.RunData) -> tuple[list, dict]:
+def _rollout(cfg: TrainJobConfig, step: int, engine: Any, rewards: Any, data: RunData) -> tuple[list, dict]:
     """Rank 0: samples + rewards + advantages for one step (dynamic sampling refills zero-signal groups)."""
     r = cfg.rollout
     # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)

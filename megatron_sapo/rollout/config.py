@@ -1,0 +1,70 @@
+"""The `rollout:` section of a run config: which engine, how many samples, sampling, servers, weight sync.
+
+`ServerOptions` is `ServerConfig` (server.py) without its run-time `model_path`; `SamplingParams`
+(types.py) and `WeightSyncConfig` (weight_sync.py) are used as they are. Tests: tests/unit/test_config.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from megatron_sapo.rollout.server import DEVICES, ServerConfig
+from megatron_sapo.rollout.types import SamplingParams
+from megatron_sapo.rollout.weight_sync import WeightSyncConfig
+from megatron_sapo.utils.typed_config import check, check_choice, check_min, without_fields
+
+ServerOptions = without_fields(
+    ServerConfig,
+    "model_path",
+    name="ServerOptions",
+    module=__name__,
+    doc="How to launch each SGLang server (ServerConfig without `model_path`, which is set at run time).",
+)
+
+
+@dataclass
+class RolloutConfig:
+    """Generation: which engine, how many samples, sampling settings, servers and weight sync."""
+
+    engine: Literal["sglang", "transformers"] = "sglang"
+    """"sglang" (HTTP servers) or "transformers" (in-process, for small CPU runs and tests)."""
+    prompts_per_step: int = 8
+    """Prompts per rollout batch (per RL step)."""
+    samples_per_prompt: int = 8
+    """Responses sampled per prompt (the group size G / n for group-normalised advantages)."""
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=32))
+    """Sampling settings of the training rollouts."""
+    server: ServerOptions = field(default_factory=ServerOptions)
+    """How each launched SGLang server runs (ignored when `urls` are given)."""
+    urls: list[str] = field(default_factory=list)
+    """Running SGLang servers (http://host:port) to use instead of launching `num_engines` ones."""
+    num_engines: int = 1
+    """SGLang servers to launch (each `server.tp_size` devices)."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """How the trainer's weights reach the engines after every update."""
+    guard_threshold: float = 0.05
+    """Largest mean |engine − trainer| log-prob difference accepted after a weight sync."""
+    guard_prompts: int = 2
+    """Prompts sampled to check each weight sync (0 = no check)."""
+    dynamic_sampling: bool = False
+    """Drop prompt groups whose rewards are all equal (zero advantage) and sample more prompts."""
+    max_refill_rounds: int = 3
+    """With `dynamic_sampling`, extra generation rounds per step before training on what there is."""
+
+    def __post_init__(self) -> None:
+        check_min(self, "prompts_per_step", "samples_per_prompt", "num_engines")
+        check_min(self, "guard_prompts", "max_refill_rounds", minimum=0)
+        check(self.guard_threshold > 0, "guard_threshold", f"must be > 0, got {self.guard_threshold}")
+        check_choice(self.server.device, DEVICES, "server.device")
+        for i, url in enumerate(self.urls):
+            check(
+                re.match(r"https?://[^/\s]+", url) is not None, f"urls[{i}]", f"not an http(s) URL: {url!r}"
+            )
+        check(not self.urls or self.engine == "sglang", "urls", "only for rollout.engine 'sglang'")
+
+    def server_config(self, model_path: str) -> ServerConfig:
+        """The `ServerConfig` of one launched server that loads `model_path`."""
+        return ServerConfig(model_path=model_path, **dataclasses.asdict(self.server))

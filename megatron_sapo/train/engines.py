@@ -1,0 +1,86 @@
+"""Rank 0's rollout side of a run: the engine (SGLang servers launched, on other nodes, or given by URL;
+or the in-process transformers engine), the weight-sync settings, the reward runner and greedy eval.
+Tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron_sapo.cluster.launch import Launch, engine_urls, every_node_engines
+from megatron_sapo.rollout import SamplingParams
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.train.data import RunData
+
+
+def build_engine(cfg: TrainJobConfig, hf_dir: Path, out: Path, launch: Launch) -> Any:
+    """Rank 0: the rollout engine: servers on other nodes by URL (disaggregated engine nodes, or every
+    train node's colocated ones), given URLs, servers launched on this node (colocated), or the
+    in-process engine."""
+    r = cfg.rollout
+    if r.engine == "transformers":
+        from megatron_sapo.rollout.hf_engine import TransformersEngine
+
+        return TransformersEngine(str(hf_dir), seed=cfg.run.seed)
+    from megatron_sapo.cluster.engine_nodes import server_configs, wait_for_engines
+    from megatron_sapo.rollout import SGLangEngine, SGLangServer
+
+    urls = engine_urls(launch, cfg.cluster, r.num_engines)
+    if urls:
+        wait_for_engines(urls, r.server.startup_timeout)
+        return SGLangEngine(urls, model_path=str(hf_dir))
+    if r.urls:
+        return SGLangEngine(r.urls, model_path=str(hf_dir))
+    server_config = r.server_config(str(hf_dir))
+    server_config.log_dir = server_config.log_dir or str(out / "logs")
+    servers = [SGLangServer(c) for c in server_configs(server_config, r.num_engines)]
+    for s in servers:  # all load in parallel, then wait for each
+        s.launch()
+    for s in servers:
+        s.wait_ready(s.config.startup_timeout)
+    return SGLangEngine(servers)
+
+
+def weight_sync_config(cfg: TrainJobConfig, launch: Launch) -> Any:
+    """The weight sync settings; "distributed" to other nodes' engines meets at trainer rank 0's node.
+
+    The node's name, not its address here: the engines resolve it on their side (a name that maps to
+    127.0.1.1 in this node's /etc/hosts still reaches this node from the others)."""
+    ws = cfg.rollout.weight_sync
+    remote = launch.engine_nodes or every_node_engines(launch, cfg.cluster)
+    if remote and ws.transport == "distributed" and ws.master_address == "127.0.0.1":
+        return dataclasses.replace(ws, master_address=launch.master_addr)
+    return ws
+
+
+def colocated_gpu_engine(cfg: TrainJobConfig, engine: Any) -> bool:
+    """Rank 0: the engine's servers share the train nodes' GPUs with the trainers (their memory is lent)."""
+    from megatron_sapo.rollout import SGLangEngine
+
+    return (
+        isinstance(engine, SGLangEngine)
+        and cfg.cluster.placement == "colocated"
+        and cfg.rollout.server.device == "cuda"
+        and not cfg.rollout.urls  # the job's own servers, launched here or on every train node
+    )
+
+
+def build_reward_runner(cfg: TrainJobConfig) -> Any:
+    from megatron_sapo.rewards import RewardRunner, get_reward
+
+    return RewardRunner(get_reward(cfg.reward.name), timeout_s=cfg.reward.timeout_s)
+
+
+def evaluate(cfg: TrainJobConfig, engine: Any, data: RunData, rewards: Any) -> dict[str, float]:
+    """Rank 0 (others return {}): greedy accuracy on the eval set (reward > 0.5 counts as correct)."""
+    if dist.get_rank() != 0 or not data.eval:
+        return {}
+    params = SamplingParams(max_new_tokens=cfg.rollout.sampling.max_new_tokens, temperature=0.0)
+    gens = engine.generate(data.eval_ids, params, n=cfg.run.eval_samples)
+    texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
+    scores, _ = rewards.score(texts, [data.eval[g.prompt_index] for g in gens])
+    return {"eval/accuracy": sum(s > 0.5 for s in scores) / len(scores)}
