@@ -23,9 +23,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     n = rewards.numel()
     if n % group_size != 0:
         raise ValueError(f"number of rewards ({n}) is not a multiple of group_size ({group_size})")
-    grouped = rewards.detach().to(torch.float32).view(-1, group_size)
+    # fp64: the mean of fp32 rewards is itself rounded, and (R - mean) / (std + eps) magnifies that.
+    grouped = rewards.detach().to(torch.float64).view(-1, group_size)
     if group_size == 1:
-        return torch.zeros_like(grouped).view(-1)
+        return torch.zeros(n, dtype=torch.float32)
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    adv = (grouped - mean) / (std + eps)
+    # Equal rewards carry no signal, but a rounded mean is 1 ulp off them and dividing by std + eps
+    # (both ~0) turns that ulp into advantages of ~±0.06 (e.g. eight 0.7s in fp32): zero them exactly.
+    equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return adv.masked_fill(equal, 0.0).to(torch.float32).view(-1)

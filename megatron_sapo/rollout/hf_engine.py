@@ -111,6 +111,12 @@ class TransformersEngine:
     def shutdown(self) -> None:
         """Nothing to release: the model lives in this process."""
 
+    def release_memory(self) -> None:
+        """Nothing to lend: an in-process CPU model that training never shares a device with."""
+
+    def resume_memory(self) -> None:
+        """Nothing was lent (see `release_memory`)."""
+
     # ---------------------------------------------------------------- generation
 
     @torch.no_grad()

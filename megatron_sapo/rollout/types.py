@@ -88,7 +88,7 @@ class Generation:
 
 
 class RolloutEngine(Protocol):
-    """The interface the trainer and the weight-sync code use."""
+    """The interface the trainer and the weight-sync code use (SGLangEngine, TransformersEngine)."""
 
     @property
     def weight_version(self) -> str: ...
@@ -112,6 +112,14 @@ class RolloutEngine(Protocol):
 
     def update_weights_from_disk(self, model_dir: str, *, version: str) -> None:
         """Reload all weights from a Hugging Face directory (safetensors + config)."""
+        ...
+
+    def release_memory(self) -> None:
+        """Lend the engine's accelerator memory (weights, KV cache) to colocated training."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Take back what `release_memory` lent (the weights must be synced again afterwards)."""
         ...
 
     def shutdown(self) -> None: ...

@@ -112,7 +112,7 @@ class RunSettings:
     keep_last: int = 2
     """Checkpoints kept on disk (0 = keep all)."""
     log_every: int = 1
-    """RL steps between log lines."""
+    """RL steps between the per-step log lines (INFO, shown with `progress` false); the last step always logs."""
     tensorboard: bool = True
     """Write TensorBoard event files (every metrics.jsonl scalar) under output_dir/tensorboard."""
     wandb_project: str | None = None

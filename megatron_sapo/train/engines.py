@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch.distributed as dist
 
 from megatron_sapo.cluster.launch import Launch, engine_urls, every_node_engines
-from megatron_sapo.rollout import SamplingParams
+from megatron_sapo.rewards import RewardRunner, get_reward
+from megatron_sapo.rollout import RolloutEngine, SamplingParams, WeightSyncConfig
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData
 
 
-def build_engine(cfg: TrainJobConfig, hf_dir: Path, out: Path, launch: Launch) -> Any:
+def build_engine(cfg: TrainJobConfig, hf_dir: Path, out: Path, launch: Launch) -> RolloutEngine:
     """Rank 0: the rollout engine: servers on other nodes by URL (disaggregated engine nodes, or every
     train node's colocated ones), given URLs, servers launched on this node (colocated), or the
     in-process engine."""
@@ -45,7 +45,7 @@ def build_engine(cfg: TrainJobConfig, hf_dir: Path, out: Path, launch: Launch) -
     return SGLangEngine(servers)
 
 
-def weight_sync_config(cfg: TrainJobConfig, launch: Launch) -> Any:
+def weight_sync_config(cfg: TrainJobConfig, launch: Launch) -> WeightSyncConfig:
     """The weight sync settings; "distributed" to other nodes' engines meets at trainer rank 0's node.
 
     The node's name, not its address here: the engines resolve it on their side (a name that maps to
@@ -57,25 +57,24 @@ def weight_sync_config(cfg: TrainJobConfig, launch: Launch) -> Any:
     return ws
 
 
-def colocated_gpu_engine(cfg: TrainJobConfig, engine: Any) -> bool:
-    """Rank 0: the engine's servers share the train nodes' GPUs with the trainers (their memory is lent)."""
-    from megatron_sapo.rollout import SGLangEngine
-
+def lends_memory(cfg: TrainJobConfig) -> bool:
+    """The job's own SGLang servers share the train nodes' GPUs with the trainers: rank 0 has them
+    release their memory for each update and resume it for the weight sync."""
     return (
-        isinstance(engine, SGLangEngine)
+        cfg.rollout.engine == "sglang"
         and cfg.cluster.placement == "colocated"
         and cfg.rollout.server.device == "cuda"
         and not cfg.rollout.urls  # the job's own servers, launched here or on every train node
     )
 
 
-def build_reward_runner(cfg: TrainJobConfig) -> Any:
-    from megatron_sapo.rewards import RewardRunner, get_reward
-
+def build_reward_runner(cfg: TrainJobConfig) -> RewardRunner:
     return RewardRunner(get_reward(cfg.reward.name), timeout_s=cfg.reward.timeout_s)
 
 
-def evaluate(cfg: TrainJobConfig, engine: Any, data: RunData, rewards: Any) -> dict[str, float]:
+def evaluate(
+    cfg: TrainJobConfig, engine: RolloutEngine, data: RunData, rewards: RewardRunner
+) -> dict[str, float]:
     """Rank 0 (others return {}): greedy accuracy on the eval set (reward > 0.5 counts as correct)."""
     if dist.get_rank() != 0 or not data.eval:
         return {}

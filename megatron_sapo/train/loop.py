@@ -42,7 +42,8 @@ from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from megatron_sapo.megatron.engine import PolicyEngine
 from megatron_sapo.megatron.models import build_gpt_model
-from megatron_sapo.rollout import RolloutError, SamplingParams, WeightSync
+from megatron_sapo.rewards import RewardRunner
+from megatron_sapo.rollout import RolloutEngine, RolloutError, SamplingParams, WeightSync
 from megatron_sapo.rollout.client import EngineRestarted
 from megatron_sapo.train import engines, outputs, setup
 from megatron_sapo.train.config import TrainJobConfig
@@ -142,7 +143,9 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
     return 0
 
 
-def _cold_start(cfg: TrainJobConfig, policy: PolicyEngine, data: RunData, writer: Any) -> None:
+def _cold_start(
+    cfg: TrainJobConfig, policy: PolicyEngine, data: RunData, writer: outputs.MetricsWriter | None
+) -> None:
     """Supervised cold start: a policy-gradient step with advantage 1 at ratio 1 is exactly the gradient of
     the mean token log-likelihood of the demonstrations (one on-policy mini-batch per step)."""
     loss_config, temperature, routing = policy.loss_config, policy.temperature, policy.routing
@@ -171,13 +174,13 @@ def _rl_step(
     cfg: TrainJobConfig,
     step: int,
     policy: PolicyEngine,
-    engine: Any,
-    rewards: Any,
+    engine: RolloutEngine | None,
+    rewards: RewardRunner | None,
     data: RunData,
     sync: WeightSync,
 ) -> dict[str, float]:
     t0 = time.perf_counter()
-    lend = dist.get_rank() == 0 and engines.colocated_gpu_engine(cfg, engine)
+    lend = dist.get_rank() == 0 and engines.lends_memory(cfg)
     rollout = partial(_rollout, cfg, step, engine, rewards, data)
     (rows, stats), restarts = _with_resync(partial(_from_driver, rollout), sync, str(step), "rollout")
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
@@ -263,7 +266,9 @@ def _with_resync(call: Callable[[], Any], sync: WeightSync, version: str, what: 
     raise AssertionError("unreachable")
 
 
-def _rollout(cfg: TrainJobConfig, step: int, engine: Any, rewards: Any, data: RunData) -> tuple[list, dict]:
+def _rollout(
+    cfg: TrainJobConfig, step: int, engine: RolloutEngine, rewards: RewardRunner, data: RunData
+) -> tuple[list, dict]:
     """Rank 0: samples + rewards + advantages for one step (dynamic sampling refills zero-signal groups)."""
     r = cfg.rollout
     # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)

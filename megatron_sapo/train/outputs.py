@@ -71,8 +71,10 @@ class MetricsWriter:
         if self.bar is not None and row["step"] > self.bar.n:
             self.bar.update(row["step"] - self.bar.n)
             self.bar.set_postfix({k: round(row[k], 3) for k in ("reward/mean", "eval/accuracy") if k in row})
-        shown = {k: row[k] for k in ("reward/mean", "loss", "eval/accuracy", "time/step_s") if k in row}
-        log.info("step %d %s", row["step"], " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        step = row["step"]
+        if step % self.cfg.run.log_every == 0 or step == self.cfg.run.steps:
+            shown = {k: row[k] for k in ("reward/mean", "loss", "eval/accuracy", "time/step_s") if k in row}
+            log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
     def log_sft(self, step: int, metrics: dict[str, float], seconds: float) -> None:
         log.info("cold start step %d: loss %.4f (%.0f s)", step, metrics["loss"], seconds)

@@ -6,6 +6,7 @@ Run: python -m pytest tests/unit/test_losses.py -q
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -267,6 +268,29 @@ def test_group_advantages_reference():
     assert torch.all(group_advantages(rewards, group_size=1) == 0)
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages(rewards, group_size=5)
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 1 / 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_equal_partial_credit_rewards_give_exactly_zero_advantage(value, dtype):
+    # fp32 means of eight 0.7s are 1 ulp off 0.7; divided by std + eps that was ±0.056 before the fix
+    rewards = torch.full((8,), value, dtype=dtype)
+    assert torch.equal(group_advantages(rewards, group_size=8), torch.zeros(8))
+
+
+def test_mixed_groups_equal_ones_zero_others_the_closed_form():
+    groups = [[0.7] * 4, [0.1, 0.3, 0.7, 1 / 3], [1 / 3] * 4, [0.0, 0.5, 0.5, 1.0]]
+    rewards = torch.tensor([r for g in groups for r in g], dtype=torch.float32)
+    adv = group_advantages(rewards, group_size=4, eps=1e-6)
+    for i, group in enumerate(groups):
+        got = adv[4 * i : 4 * (i + 1)]
+        if len(set(group)) == 1:
+            assert torch.equal(got, torch.zeros(4))
+            continue
+        fp32 = [float(torch.tensor(r, dtype=torch.float32)) for r in group]  # the rewards as given
+        mean, std = statistics.fmean(fp32), statistics.stdev(fp32)
+        expected = [(r - mean) / (std + 1e-6) for r in fp32]
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_extreme_log_ratios_give_finite_loss_and_gradient():
