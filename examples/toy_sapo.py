@@ -1,7 +1,7 @@
 """Toy SAPO run: a tiny Qwen3-MoE policy on real megatron-core (CPU), trained by the PolicyEngine.
 
-The current `make demo`, until the SGLang rollout engine and the trainer land (issues 4/5 and 5/5). The
-policy is built from a transformers `Qwen3MoeConfig` (4 experts, top-2) by `megatron_sapo.megatron.models`;
+A 30-second look at the train step alone, without SGLang, data files or the trainer loop (`make demo`
+runs the whole thing: `megatron-sapo train configs/quickstart.yaml`). The policy is built from a transformers `Qwen3MoeConfig` (4 experts, top-2) by `megatron_sapo.megatron.models`;
 it samples its own responses; rewards → group advantages → π_old log-probs → 4 off-policy mini-batch
 updates per rollout batch (as in the SAPO paper) by `PolicyEngine.train_step` (megatron's distributed
 Adam, `get_forward_backward_func`, vocab-parallel log-probs, `compute_policy_loss`).

@@ -15,7 +15,7 @@ chunks. Token ids are validated against the vocabulary before sending: SGLang's 
 out-of-range id.
 
 Weight updates (called by `rollout/weight_sync.py`, which owns the trainer side) live in
-`rollout/sglang_updates.py`. Tests: tests/rollout/test_sglang_engine.py.
+`rollout/sglang_updates.py`. Tests: tests/e2e/test_sglang_engine.py.
 """
 
 from __future__ import annotations

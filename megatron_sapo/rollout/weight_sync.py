@@ -14,7 +14,7 @@ Each update sits between begin/end_weight_update, carries the weight version and
 A restarted server gets the current weights again before its in-flight rollout is retried (single-process
 trainers); with several trainer ranks the interrupted call raises `EngineRestarted` and the trainer re-syncs
 on every rank and redoes it (`resync_on_restart`, trainer `_with_resync`).
-Tests: tests/rollout/test_weight_sync.py.
+Tests: tests/e2e/test_weight_sync.py.
 """
 
 from __future__ import annotations

@@ -118,7 +118,11 @@ class _Reads(ast.NodeVisitor):
                             continue
                         if isinstance(t, ast.Name):
                             env[t.id] = klass
-                        elif isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                        elif (
+                            isinstance(t, ast.Attribute)
+                            and isinstance(t.value, ast.Name)
+                            and t.value.id == "self"
+                        ):
                             self.self_attrs[t.attr] = klass
         return env
 
@@ -131,7 +135,10 @@ class _Reads(ast.NodeVisitor):
                 klass = self.resolve(sub.value, env)
                 if klass is not None:
                     self.reads.add((klass, sub.attr))
-            elif isinstance(sub, ast.Call) and getattr(sub.func, "attr", getattr(sub.func, "id", "")) == "asdict":
+            elif (
+                isinstance(sub, ast.Call)
+                and getattr(sub.func, "attr", getattr(sub.func, "id", "")) == "asdict"
+            ):
                 klass = self.resolve(sub.args[0], env) if sub.args else None
                 for field in _leaves(klass) if klass is not None else ():
                     self.reads.add((klass, field))
@@ -161,14 +168,14 @@ def test_every_leaf_key_is_read_somewhere():
 
 def test_the_scan_sees_a_key_that_is_only_validated(tmp_path, monkeypatch):
     """The scan itself: a field read only in __post_init__ is reported, one read through an alias is not."""
-    source = '''
+    source = """
 class RunSettings:
     def __post_init__(self):
         check(self.log_every > 0)
 def use(cfg):
     r = cfg.run
     return r.keep_last
-'''
+"""
     visitor = _Reads()
     visitor.visit(ast.parse(source))
     run = SECTION_BY_NAME["run"]

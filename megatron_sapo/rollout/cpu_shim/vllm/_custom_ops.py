@@ -9,7 +9,7 @@ server's PYTHONPATH carries this directory (`rollout/server.py`); GPU servers ne
 
 Only the first R channels of each head rotate (partial rotary); is_neox rotates the two halves of
 those channels (Llama/Qwen), otherwise interleaved pairs (GPT-J). Checked against transformers'
-`apply_rotary_pos_emb` in tests/unit/test_rollout_server.py.
+`apply_rotary_pos_emb` in tests/unit/test_rotary_shim.py.
 """
 
 import torch
