@@ -25,9 +25,12 @@ $(VENV)/.stamp-dev: requirements/dev.txt requirements/models.txt $(VENV)/.stamp-
 	touch $@
 
 # SGLang 0.5.23 lean: --no-deps skips ~1.4 GB of CUDA kernel packages that do not work on CPU anyway.
+# Its pure-Python requirements go first: pip then has no installed sglang whose skipped GPU packages it
+# would list as a screenful of "ERROR: ... dependency conflicts" (and --no-deps checks none).
 $(VENV)/.stamp-sglang: requirements/sglang.txt $(VENV)/.stamp-base
-	$(PIP) install --no-deps sglang==0.5.23
 	$(PIP) install -r requirements/sglang.txt
+	$(PIP) install --no-deps sglang==0.5.23
+	@echo "lean SGLang 0.5.23 installed (its CUDA-only kernel packages are left out on purpose; see requirements/sglang.txt)"
 	touch $@
 
 install: $(VENV)/.stamp-base  ## runtime install into .venv

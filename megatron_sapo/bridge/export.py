@@ -103,6 +103,11 @@ class _Staging:
         return self.buffer[:nbytes].view(like.dtype).view(shape)
 
 
+# torch 2.14 deprecates all_gather_into_tensor (a FutureWarning) for all_gather_single, which older
+# torch (GPU clusters) does not have.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _gather_rows(out: torch.Tensor, piece: torch.Tensor, group: dist.ProcessGroup, staging: _Staging) -> None:
     """out[r] = rank r's `piece` over `group`; `out` [n, rows, *tail] may be a strided view, `piece`
     [rows, *tail]. Row chunks of at most the staging buffer's size per collective."""
@@ -111,7 +116,7 @@ def _gather_rows(out: torch.Tensor, piece: torch.Tensor, group: dist.ProcessGrou
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         staged = staging.take((n * (stop - start), *tail), piece)
-        dist.all_gather_into_tensor(staged, piece[start:stop].contiguous(), group=group)
+        _all_gather_single(staged, piece[start:stop].contiguous(), group=group)
         out[:, start:stop].copy_(staged.view(n, stop - start, *tail))
         del staged
 
