@@ -5,6 +5,9 @@ records = load_records("train.jsonl", prompt_field="question", answer_field="ans
                        answer_extract="gsm8k")
 train, evals = ArithmeticTask().splits(n_train=512, n_eval=128, seed=0)
 ids = render_prompt(train[0], tokenizer)
+
+The `data:` run-config section is `config.py`. May import megatron_sapo.utils only (the layer map is in
+megatron_sapo/__init__.py).
 """
 
 from megatron_sapo.data.datasets import DataError, PromptRecord, load_records, render_prompt

@@ -5,7 +5,8 @@
     loss, metrics = compute_policy_loss("sapo", logp, old_logp, adv, mask, tau_pos=1.0, tau_neg=1.05)
 
 Registered losses: "sapo" (sapo.py), "gspo" and "gspo_token" (gspo.py), "grpo" (grpo.py). A new loss
-is one new file that uses `@register_loss`, imported below.
+is one new file that uses `@register_loss`, imported below. Imports no other package of megatron_sapo
+(the layer map is in megatron_sapo/__init__.py).
 """
 
 from megatron_sapo.losses import grpo, gspo, sapo  # noqa: F401  (registers the losses)

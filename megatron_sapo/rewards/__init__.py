@@ -7,7 +7,8 @@
         rewards, stats = runner.score(responses, records)
 
 A reward function is `fn(response_text, record: PromptRecord) -> float`; a new built-in is one file
-plus one REWARDS entry (registry.py).
+plus one REWARDS entry (registry.py). The `reward:` run-config section is `config.py`. May import
+megatron_sapo.data and megatron_sapo.utils only (the layer map is in megatron_sapo/__init__.py).
 """
 
 from megatron_sapo.rewards.exact_match import exact_match, final_answer

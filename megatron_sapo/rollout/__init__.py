@@ -1,6 +1,8 @@
 """Rollout engines (SGLang servers, in-process transformers) and weight sync from the megatron policy.
 
-SGLang itself runs in the server subprocesses and is never imported here.
+SGLang itself runs in the server subprocesses and is never imported here. The `rollout:` run-config
+section is `config.py`. May import megatron_sapo.bridge (weights under HF names) and megatron_sapo.utils
+only; the check of a sync against the trainer's log-probs lives above, in megatron_sapo/train/guard.py.
 """
 
 from megatron_sapo.rollout.client import SGLangEngine

@@ -1,1 +1,5 @@
-"""Small shared utilities (process launching, logging)."""
+"""Shared utilities: typed_config.py (dataclasses <- YAML + dotted overrides, --help), tiny.py (offline
+tokenizer + random-weight HF models), spawn.py (run a function on N local gloo ranks).
+
+The bottom layer: imports no other package of megatron_sapo (see megatron_sapo/__init__.py).
+"""
