@@ -7,21 +7,25 @@
         ...                                                           # [(hf_name, full tensor)] on rank 0
     save_safetensors_sharded((t for b in export_hf_weights(...) for t in b), out_dir)   # on a dst rank
 
-Tables: `megatron_sapo/bridge/arch/` (one file per HF `model_type`); primitives: `mapping.py`.
+Architectures: `megatron_sapo/bridge/arch/`, one file per HF `model_type` holding its megatron config facts
+and its mapping table, found by the registry there (`architecture_of`, `mapping_table`, `ARCHITECTURES`);
+primitives: `mapping.py`.
 Tests: `python -m pytest tests/unit/test_bridge_mapping.py tests/distributed/test_bridge.py -q`
 """
 
-from megatron_sapo.bridge.arch import TABLES, mapping_table
+from megatron_sapo.bridge.arch import ARCHITECTURES, Architecture, architecture_of, mapping_table
 from megatron_sapo.bridge.export import DEFAULT_BUCKET_BYTES, export_hf_weights
 from megatron_sapo.bridge.layout import ParallelGroups
 from megatron_sapo.bridge.load import load_hf_weights, open_source
 from megatron_sapo.bridge.safetensors_io import SafetensorsReader, save_safetensors_sharded
 
 __all__ = [
+    "ARCHITECTURES",
     "DEFAULT_BUCKET_BYTES",
-    "TABLES",
+    "Architecture",
     "ParallelGroups",
     "SafetensorsReader",
+    "architecture_of",
     "export_hf_weights",
     "load_hf_weights",
     "mapping_table",

@@ -7,8 +7,9 @@
     provider = partial(build_gpt_model, hf_config, config=config)     # megatron model_provider shape
     model = provider(pre_process=True, post_process=True, vp_stage=None)
 
-Each supported `model_type` is one `Architecture` entry in `ARCHITECTURES` (facts only); the shared code
-below reads those facts, so a new architecture is a new table entry. Parallel state must be initialised
+Each supported `model_type` is one file under `megatron_sapo/bridge/arch/` holding its `Architecture`:
+the facts the shared code below reads and the bridge's mapping table, so a new architecture is that one
+file (`architecture_of` reads the bridge's registry). Parallel state must be initialised
 before `build_gpt_model` (megatron reads the TP/PP/EP groups from it). On CPU call
 `megatron_sapo.megatron.cpu.enable_cpu_compat()` first; the config then carries the CPU settings.
 
@@ -19,7 +20,6 @@ Tests: `python -m pytest tests/unit/test_models.py tests/distributed/test_models
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from typing import Any, Literal
 
@@ -31,46 +31,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+# ARCHITECTURES is re-exported for megatron_sapo/convert/assets.py, which checks a config.json against it.
+from megatron_sapo.bridge.arch import ARCHITECTURES as ARCHITECTURES
+from megatron_sapo.bridge.arch import Architecture, architecture_of
+
 SpecName = Literal["auto", "local", "te"]
 
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """How one Hugging Face `model_type` maps onto megatron-core's GPT; read by the shared code below."""
-
-    qk_layernorm: bool
-    """RMSNorm over each query/key head before RoPE (Qwen3's `q_norm` / `k_norm`)."""
-    qkv_bias_field: str | None = None
-    """HF boolean attribute that puts a bias on q/k/v only (Qwen2's `qkv_bias`) -> `add_qkv_bias`."""
-    moe: bool = False
-    """Routed experts: `num_experts`, `num_experts_per_tok`, `moe_intermediate_size`, `norm_topk_prob`,
-    `decoder_sparse_step`, `mlp_only_layers`."""
-    shared_expert: bool = False
-    """A sigmoid-gated shared expert of width `shared_expert_intermediate_size` (Qwen2-MoE)."""
-    must_be_false: tuple[str, ...] = ()
-    """HF flags this mapping cannot express when true (e.g. a bias on o_proj without one on the MLP)."""
-    rope_types: tuple[str, ...] = ("default",)
-    """`rope_parameters["rope_type"]` values megatron's RotaryEmbedding reproduces."""
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "qwen3": Architecture(qk_layernorm=True, must_be_false=("attention_bias", "use_sliding_window")),
-    "qwen3_moe": Architecture(
-        qk_layernorm=True, moe=True, must_be_false=("attention_bias", "use_sliding_window")
-    ),
-    "qwen2_moe": Architecture(
-        qk_layernorm=False,
-        qkv_bias_field="qkv_bias",
-        moe=True,
-        shared_expert=True,
-        must_be_false=("use_sliding_window",),
-    ),
-    # SmolLM2 is a Llama. attention_bias puts a bias on o_proj too, which megatron only has together with
-    # MLP biases (add_bias_linear), so both stay unsupported rather than half-mapped.
-    "llama": Architecture(
-        qk_layernorm=False, must_be_false=("attention_bias", "mlp_bias"), rope_types=("default", "llama3")
-    ),
-}
 
 # megatron-core's RotaryEmbedding._apply_scaling hard-codes these Llama-3.1 constants; only `factor` is
 # passed through GPTModel, so other values cannot be reproduced.
@@ -79,17 +45,6 @@ _MEGATRON_LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
-
-
-def architecture_of(hf_config: Any) -> Architecture:
-    """The `ARCHITECTURES` entry for `hf_config.model_type`; ValueError naming the supported ones."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"unsupported model_type {model_type!r} (architectures="
-            f"{getattr(hf_config, 'architectures', None)}); supported: {sorted(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[model_type]
 
 
 def _unsupported(hf_config: Any, field: str, value: Any, why: str) -> ValueError:

@@ -4,14 +4,19 @@ Primitives against hand-written layouts (per-head loops, not the primitives' res
 per KV group, GLU halves per TP rank, vocab padding, transformers-5 fused experts read as per-expert
 tensors. The sharded writer against its byte bound and HF's index format. Loads from a multi-shard
 checkpoint and from fused expert names on disk reproduce the model; missing tensors, shape mismatches
-and unknown architectures fail with messages naming them.
+and unknown architectures fail with messages naming them. A new architecture is one file: a copy of
+`bridge/arch/llama.py` under another model_type, put on the package's path, is built and loaded by the
+megatron side and the bridge alike; a model_type defined twice is refused.
 
     python -m pytest tests/unit/test_bridge_mapping.py -q
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,17 +29,19 @@ from megatron.core import parallel_state
 from safetensors.torch import save_file
 from transformers import GPT2Config
 
+import megatron_sapo.bridge.arch as arch_package
 from megatron_sapo.bridge import (
-    TABLES,
+    ARCHITECTURES,
     SafetensorsReader,
     export_hf_weights,
     load_hf_weights,
     mapping_table,
     save_safetensors_sharded,
 )
+from megatron_sapo.bridge.arch import discover
 from megatron_sapo.bridge.load import StateDictSource, open_source
 from megatron_sapo.bridge.mapping import FusedQKV, GatedMLP, ModelDims, VocabParallel
-from megatron_sapo.megatron.models import ARCHITECTURES, build_gpt_model
+from megatron_sapo.megatron.models import architecture_of, build_gpt_model
 from megatron_sapo.megatron.testing import init_megatron_cpu
 from megatron_sapo.utils.spawn import free_port
 from tests.hf_reference import (
@@ -52,10 +59,6 @@ DIMS = ModelDims(
 
 def _arange(*shape: int) -> torch.Tensor:
     return torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
-
-
-def test_every_model_architecture_has_a_table() -> None:
-    assert set(TABLES) == set(ARCHITECTURES)
 
 
 @pytest.mark.parametrize("tail", [(7,), ()])  # weight [rows, H] and bias [rows]
@@ -166,6 +169,54 @@ def test_export_to_shards_and_fused_experts_on_disk_load_back(tmp_path) -> None:
     for model in (from_fused, reloaded):
         got = _params(model)
         assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+@pytest.fixture
+def arch_dir(tmp_path: Path):
+    """A directory on `megatron_sapo.bridge.arch`'s path: a file written there is one of its modules."""
+    path = list(arch_package.__path__)
+    arch_package.__path__.append(str(tmp_path))
+    yield tmp_path
+    arch_package.__path__[:] = path
+    for module in tmp_path.glob("*.py"):
+        sys.modules.pop(f"{arch_package.__name__}.{module.stem}", None)
+        vars(arch_package).pop(module.stem, None)
+
+
+@pytest.mark.usefixtures("_megatron_tp1")
+def test_a_new_architecture_is_one_file(arch_dir: Path, monkeypatch) -> None:
+    # llama.py copied under another model_type, and nothing else: discovery makes it a model the megatron
+    # side builds and the bridge loads, the same weights as the llama it copies
+    llama = Path(arch_package.__file__).with_name("llama.py").read_text()
+    assert llama.count('model_type="llama",') == 1
+    (arch_dir / "llama_copy.py").write_text(llama.replace('model_type="llama",', 'model_type="llama_copy",'))
+    found = discover()  # what importing the package does; it is imported already, so add the new entry
+    assert found.keys() == {*ARCHITECTURES, "llama_copy"}
+    monkeypatch.setitem(ARCHITECTURES, "llama_copy", found["llama_copy"])
+
+    hf_config, copy_config = llama_config(tie_word_embeddings=False), llama_config(tie_word_embeddings=False)
+    copy_config.model_type = "llama_copy"
+    assert architecture_of(copy_config) == dataclasses.replace(
+        ARCHITECTURES["llama"], model_type="llama_copy"
+    )
+    table = mapping_table(copy_config)
+    assert table.model_type == "llama_copy" and table.mappings == mapping_table(hf_config).mappings
+    state = checkpoint_state_dict(tiny_hf_model(hf_config, seed=2))
+    models = []
+    for config in (hf_config, copy_config):
+        models.append(build_gpt_model(config))
+        load_hf_weights(models[-1], config, state)
+    expected, got = _params(models[0]), _params(models[1])
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_a_model_type_defined_twice_is_an_error(arch_dir: Path) -> None:
+    llama = Path(arch_package.__file__).with_name("llama.py").read_text()
+    (arch_dir / "llama_again.py").write_text(llama)
+    with pytest.raises(
+        ValueError, match=r"'llama' is defined twice: in .*arch\.llama and .*arch\.llama_again"
+    ):
+        discover()
 
 
 @pytest.mark.usefixtures("_megatron_tp1")

@@ -1,29 +1,61 @@
-"""Registry of per-architecture mapping tables, keyed by the HF `model_type` (one file per architecture).
+"""The one architecture registry: every module of this package is one HF `model_type`, found by looking.
 
-    from megatron_sapo.bridge.arch import mapping_table
+    from megatron_sapo.bridge.arch import architecture_of, mapping_table
+    arch = architecture_of(hf_config)         # Architecture: megatron config facts + mapping entries
     table = mapping_table(hf_config)          # MappingTable bound to this config's dims
+    sorted(ARCHITECTURES)                     # the supported model types
 
-A new architecture is a new file defining `MODEL_TYPE` and `MAPPINGS`, listed in `_MODULES` below.
+Each module here whose name does not start with `_` defines `ARCHITECTURE`, an `Architecture`
+(`_architecture.py`); `megatron_sapo/megatron/models.py` builds the GPTModel from its facts and the
+bridge converts weights with its table. `discover()` imports them all when this package is imported, so a
+new architecture is one new file here and nothing else; a `model_type` defined twice is an error.
 Tests: `python -m pytest tests/unit/test_bridge_mapping.py -q`
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from megatron_sapo.bridge.arch import llama, qwen2_moe, qwen3, qwen3_moe
-from megatron_sapo.bridge.mapping import Mapping, MappingTable, ModelDims
+from megatron_sapo.bridge.arch._architecture import Architecture
+from megatron_sapo.bridge.mapping import MappingTable, ModelDims
 
-_MODULES = (qwen3, qwen3_moe, qwen2_moe, llama)
-TABLES: dict[str, tuple[Mapping, ...]] = {module.MODEL_TYPE: module.MAPPINGS for module in _MODULES}
+
+def discover() -> dict[str, Architecture]:
+    """`ARCHITECTURE` of every public module on this package's `__path__`, by `model_type`."""
+    found: dict[str, Architecture] = {}
+    where: dict[str, str] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        arch: Architecture = module.ARCHITECTURE
+        if arch.model_type in found:
+            raise ValueError(
+                f"model_type {arch.model_type!r} is defined twice: in {where[arch.model_type]} and "
+                f"{module.__name__}"
+            )
+        found[arch.model_type], where[arch.model_type] = arch, module.__name__
+    return found
+
+
+ARCHITECTURES: dict[str, Architecture] = discover()
+
+
+def architecture_of(hf_config: Any) -> Architecture:
+    """The `Architecture` of `hf_config.model_type`; ValueError naming the supported model types."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unknown architecture model_type={model_type!r} "
+            f"(architectures={getattr(hf_config, 'architectures', None)}): no megatron_sapo/bridge/arch/*.py "
+            f"defines model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
 
 
 def mapping_table(hf_config: Any) -> MappingTable:
-    """The table for `hf_config.model_type`; ValueError naming the supported model types."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in TABLES:
-        raise ValueError(
-            f"bridge: unknown architecture model_type={model_type!r} "
-            f"(architectures={getattr(hf_config, 'architectures', None)}); supported: {sorted(TABLES)}"
-        )
-    return MappingTable(model_type, TABLES[model_type], ModelDims.from_hf(hf_config))
+    """The mapping table of `hf_config.model_type` bound to its dims; ValueError as `architecture_of`."""
+    arch = architecture_of(hf_config)
+    return MappingTable(arch.model_type, arch.mappings, ModelDims.from_hf(hf_config))

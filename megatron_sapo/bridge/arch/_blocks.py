@@ -1,7 +1,7 @@
 """Named groups of mappings that several architectures share verbatim (embeddings, attention, MLPs).
 
-Each architecture file (`qwen3.py`, `llama.py`, ...) lists the groups it is made of plus anything of
-its own, so the table of an architecture reads top to bottom in one place. Every group carries both
+Each architecture file (`qwen3.py`, `llama.py`, ...) lists in its `ARCHITECTURE.mappings` the groups it is
+made of plus anything of its own, so the table of an architecture reads top to bottom in one place. Every group carries both
 megatron layer-spec namings of the same tensor:
 - local spec (`get_gpt_layer_local_spec`, the only one on CPU): separate `input_layernorm` /
   `pre_mlp_layernorm`, experts in `SequentialMLP` as `mlp.experts.local_experts.{e}.linear_fc1.weight`;

@@ -1,8 +1,10 @@
 """Qwen2-MoE (`model_type="qwen2_moe"`): q/k/v biases, no QK-norm, routed experts plus a gated shared expert.
 
-Table of `megatron_sapo.bridge`; groups in `_blocks.py`. Tests: `python -m pytest tests -k bridge -q`
+Facts and table of one architecture (see `_architecture.py`); groups in `_blocks.py`.
+Tests: `python -m pytest tests -k bridge -q`
 """
 
+from megatron_sapo.bridge.arch._architecture import Architecture
 from megatron_sapo.bridge.arch._blocks import (
     ATTENTION,
     DENSE_MLP,
@@ -12,5 +14,12 @@ from megatron_sapo.bridge.arch._blocks import (
     SHARED_EXPERT,
 )
 
-MODEL_TYPE = "qwen2_moe"
-MAPPINGS = (*EMBEDDINGS, *ATTENTION, *QKV_BIAS, *DENSE_MLP, *ROUTED_EXPERTS, *SHARED_EXPERT)
+ARCHITECTURE = Architecture(
+    model_type="qwen2_moe",
+    mappings=(*EMBEDDINGS, *ATTENTION, *QKV_BIAS, *DENSE_MLP, *ROUTED_EXPERTS, *SHARED_EXPERT),
+    qk_layernorm=False,
+    qkv_bias_field="qkv_bias",
+    moe=True,
+    shared_expert=True,
+    must_be_false=("use_sliding_window",),
+)
