@@ -1,7 +1,7 @@
 """Files that travel with a converted checkpoint: HF config, tokenizer, generation config, converter metadata.
 
 A converter output directory (`hf_to_megatron`) holds the megatron distributed checkpoint next to what is
-needed to go back to Hugging Face::
+needed to go back to Hugging Face (config and tokenizer files copied by `bridge/snapshot.copy_assets`)::
 
     config.json  tokenizer.json  tokenizer_config.json  ...  generation_config.json
     megatron_sapo.json                      format, model_type, layout used, dtype, tensor count
@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,23 +27,6 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "megatron_sapo.json"
 FORMAT = "megatron_sapo.megatron_checkpoint"
 FORMAT_VERSION = 1
-
-# Copied verbatim when present (config.json is required and checked separately).
-ASSET_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -106,43 +87,6 @@ def safetensors_dtype(hf_dir: str | os.PathLike) -> tuple[str, int, int]:
     if len(dtypes) > 1:
         logger.warning("mixed dtypes %s in %s: exporting all as %s", dict(dtypes), hf_dir, code)
     return _SAFETENSORS_DTYPES[code], count, total
-
-
-def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy config, tokenizer and generation-config files from `src` to `dst`; return the names copied."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = [name for name in ASSET_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copyfile(src / name, dst / name)
-    if not any(name in copied for name in _TOKENIZER_FILES):
-        logger.warning("no tokenizer files in %s: the output will carry none", src)
-    return copied
-
-
-def write_hf_snapshot(
-    named_tensors: Iterable[tuple[str, Any]],
-    target: str | os.PathLike,
-    *,
-    assets_from: str | os.PathLike | None,
-) -> Path:
-    """A complete HF directory at `target`: safetensors shards (+ index) and the assets of `assets_from`.
-
-    Written into `<target>.tmp` and renamed over `target` only when complete, so a reader (an SGLang
-    server reloading from disk, a user after a crash) never sees a half-written snapshot.
-    """
-    from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
-
-    target = Path(target)
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_safetensors_sharded(named_tensors, staging)
-    if assets_from is not None:
-        copy_assets(assets_from, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
 
 
 def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: Layout, **fields: Any) -> None:

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from megatron_sapo.bridge import mapping_table
 from megatron_sapo.bridge.mapping import Mapping, MappingTable
-from megatron_sapo.convert.assets import copy_assets, load_hf_config, read_metadata
+from megatron_sapo.bridge.snapshot import copy_assets
+from megatron_sapo.convert.assets import load_hf_config, read_metadata
 from megatron_sapo.convert.dist_reader import DistCheckpointReader
 from megatron_sapo.convert.layout import ConversionError
 from megatron_sapo.convert.safetensors_stream import (
