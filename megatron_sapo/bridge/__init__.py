@@ -7,7 +7,9 @@
         ...                                                           # [(hf_name, full tensor)] on rank 0
     save_safetensors_sharded((t for b in export_hf_weights(...) for t in b), out_dir)   # on a dst rank
 
-Tables: `megatron_sapo/bridge/arch/` (one file per HF `model_type`); primitives: `mapping.py`.
+Tables: `megatron_sapo/bridge/arch/` (one file per HF `model_type`); primitives: `mapping.py`; every
+safetensors read and write: `safetensors_io.py`; a whole HF directory (shards + config, tokenizer):
+`snapshot.py`.
 Tests: `python -m pytest tests/unit/test_bridge_mapping.py tests/distributed/test_bridge.py -q`
 """
 

@@ -1,4 +1,4 @@
-"""Files that travel with a converted checkpoint: HF config, tokenizer, generation config, converter metadata.
+"""What the converters check and record around the weights: the HF config, the checkpoint dtype, metadata.
 
 A converter output directory (`hf_to_megatron`) holds the megatron distributed checkpoint next to what is
 needed to go back to Hugging Face (config and tokenizer files copied by `bridge/snapshot.copy_assets`)::
@@ -8,7 +8,9 @@ needed to go back to Hugging Face (config and tokenizer files copied by `bridge/
     latest_checkpointed_iteration.txt       "0"
     iter_0000000/                           torch_dist checkpoint (model weights only)
 
-Tests: `python -m pytest tests/e2e/test_converters.py -q`
+`load_hf_config` checks an HF dir, `safetensors_dtype` reads its weights' dtypes from the safetensors
+headers (`bridge/safetensors_io.SafetensorsReader`), `write_metadata` / `read_metadata` the
+`megatron_sapo.json` file. Tests: `python -m pytest tests/e2e/test_converters.py -q`
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
 from megatron_sapo.convert.layout import ConversionError, Layout
 
 logger = logging.getLogger(__name__)
@@ -28,7 +31,8 @@ METADATA_FILE = "megatron_sapo.json"
 FORMAT = "megatron_sapo.megatron_checkpoint"
 FORMAT_VERSION = 1
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# A checkpoint converts when its most common dtype is one of these (the model is built in it).
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
 def load_hf_config(hf_dir: str | os.PathLike) -> Any:
@@ -58,35 +62,18 @@ def load_hf_config(hf_dir: str | os.PathLike) -> Any:
 
 def safetensors_dtype(hf_dir: str | os.PathLike) -> tuple[str, int, int]:
     """(most common torch dtype name, tensor count, total bytes) of the safetensors weights in `hf_dir`."""
-    from safetensors import safe_open
-
-    from megatron_sapo.bridge import SafetensorsReader
-
     try:
         reader = SafetensorsReader(hf_dir)
     except FileNotFoundError as err:
         raise ConversionError(f"no safetensors weights in {hf_dir} ({err})") from None
-    by_file: dict[Path, list[str]] = {}
-    for name in reader.names():
-        by_file.setdefault(Path(reader.describe(name)), []).append(name)
-    dtypes: Counter[str] = Counter()
-    count = total = 0
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as handle:
-            for name in names:
-                view = handle.get_slice(name)
-                dtypes[view.get_dtype()] += 1
-                numel = 1
-                for dim in view.get_shape():
-                    numel *= dim
-                total += numel * {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(view.get_dtype(), 4)
-                count += 1
+    headers = [reader.header(name) for name in reader.names()]
+    dtypes = Counter(header.dtype for header in headers)
     code = dtypes.most_common(1)[0][0]
-    if code not in _SAFETENSORS_DTYPES:
+    if code not in _FLOAT_CODES:
         raise ConversionError(f"weights in {hf_dir} are {code}; only float checkpoints convert")
     if len(dtypes) > 1:
         logger.warning("mixed dtypes %s in %s: exporting all as %s", dict(dtypes), hf_dir, code)
-    return _SAFETENSORS_DTYPES[code], count, total
+    return str(DTYPES[code]).removeprefix("torch."), len(headers), sum(header.nbytes for header in headers)
 
 
 def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: Layout, **fields: Any) -> None:
