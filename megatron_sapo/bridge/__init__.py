@@ -9,7 +9,8 @@
 
 Architectures: `megatron_sapo/bridge/arch/`, one file per HF `model_type` holding its megatron config facts
 and its mapping table, found by the registry there (`architecture_of`, `mapping_table`, `ARCHITECTURES`);
-primitives: `mapping.py`.
+primitives: `mapping.py`; every safetensors read and write: `safetensors_io.py`; a whole HF directory
+(shards + config, tokenizer): `snapshot.py`.
 Tests: `python -m pytest tests/unit/test_bridge_mapping.py tests/distributed/test_bridge.py -q`
 """
 

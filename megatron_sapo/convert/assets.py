@@ -1,14 +1,16 @@
-"""Files that travel with a converted checkpoint: HF config, tokenizer, generation config, converter metadata.
+"""What the converters check and record around the weights: the HF config, the checkpoint dtype, metadata.
 
 A converter output directory (`hf_to_megatron`) holds the megatron distributed checkpoint next to what is
-needed to go back to Hugging Face::
+needed to go back to Hugging Face (config and tokenizer files copied by `bridge/snapshot.copy_assets`)::
 
     config.json  tokenizer.json  tokenizer_config.json  ...  generation_config.json
     megatron_sapo.json                      format, model_type, layout used, dtype, tensor count
     latest_checkpointed_iteration.txt       "0"
     iter_0000000/                           torch_dist checkpoint (model weights only)
 
-Tests: `python -m pytest tests/e2e/test_converters.py -q`
+`load_hf_config` checks an HF dir, `safetensors_dtype` reads its weights' dtypes from the safetensors
+headers (`bridge/safetensors_io.SafetensorsReader`), `write_metadata` / `read_metadata` the
+`megatron_sapo.json` file. Tests: `python -m pytest tests/e2e/test_converters.py -q`
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
 from megatron_sapo.convert.layout import ConversionError, Layout
 
 logger = logging.getLogger(__name__)
@@ -30,29 +31,13 @@ METADATA_FILE = "megatron_sapo.json"
 FORMAT = "megatron_sapo.megatron_checkpoint"
 FORMAT_VERSION = 1
 
-# Copied verbatim when present (config.json is required and checked separately).
-ASSET_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# A checkpoint converts when its most common dtype is one of these (the model is built in it).
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
 
 def load_hf_config(hf_dir: str | os.PathLike) -> Any:
     """The transformers config of `hf_dir`, after checking the dir and that its model_type is supported."""
-    from megatron_sapo.megatron.models import ARCHITECTURES
+    from megatron_sapo.bridge.arch import ARCHITECTURES
 
     path = Path(hf_dir)
     if not path.is_dir():
@@ -77,72 +62,18 @@ def load_hf_config(hf_dir: str | os.PathLike) -> Any:
 
 def safetensors_dtype(hf_dir: str | os.PathLike) -> tuple[str, int, int]:
     """(most common torch dtype name, tensor count, total bytes) of the safetensors weights in `hf_dir`."""
-    from safetensors import safe_open
-
-    from megatron_sapo.bridge import SafetensorsReader
-
     try:
         reader = SafetensorsReader(hf_dir)
     except FileNotFoundError as err:
         raise ConversionError(f"no safetensors weights in {hf_dir} ({err})") from None
-    by_file: dict[Path, list[str]] = {}
-    for name in reader.names():
-        by_file.setdefault(Path(reader.describe(name)), []).append(name)
-    dtypes: Counter[str] = Counter()
-    count = total = 0
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as handle:
-            for name in names:
-                view = handle.get_slice(name)
-                dtypes[view.get_dtype()] += 1
-                numel = 1
-                for dim in view.get_shape():
-                    numel *= dim
-                total += numel * {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}.get(view.get_dtype(), 4)
-                count += 1
+    headers = [reader.header(name) for name in reader.names()]
+    dtypes = Counter(header.dtype for header in headers)
     code = dtypes.most_common(1)[0][0]
-    if code not in _SAFETENSORS_DTYPES:
+    if code not in _FLOAT_CODES:
         raise ConversionError(f"weights in {hf_dir} are {code}; only float checkpoints convert")
     if len(dtypes) > 1:
         logger.warning("mixed dtypes %s in %s: exporting all as %s", dict(dtypes), hf_dir, code)
-    return _SAFETENSORS_DTYPES[code], count, total
-
-
-def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy config, tokenizer and generation-config files from `src` to `dst`; return the names copied."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    copied = [name for name in ASSET_FILES if (src / name).is_file()]
-    for name in copied:
-        shutil.copyfile(src / name, dst / name)
-    if not any(name in copied for name in _TOKENIZER_FILES):
-        logger.warning("no tokenizer files in %s: the output will carry none", src)
-    return copied
-
-
-def write_hf_snapshot(
-    named_tensors: Iterable[tuple[str, Any]],
-    target: str | os.PathLike,
-    *,
-    assets_from: str | os.PathLike | None,
-) -> Path:
-    """A complete HF directory at `target`: safetensors shards (+ index) and the assets of `assets_from`.
-
-    Written into `<target>.tmp` and renamed over `target` only when complete, so a reader (an SGLang
-    server reloading from disk, a user after a crash) never sees a half-written snapshot.
-    """
-    from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
-
-    target = Path(target)
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_safetensors_sharded(named_tensors, staging)
-    if assets_from is not None:
-        copy_assets(assets_from, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
+    return str(DTYPES[code]).removeprefix("torch."), len(headers), sum(header.nbytes for header in headers)
 
 
 def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: Layout, **fields: Any) -> None:

@@ -11,7 +11,8 @@ HF -> Megatron: every rank builds its part of the model on the meta device (`bui
 memory), checks that the safetensors hold every tensor it needs with the right shape, and the job
 writes one torch_dist checkpoint (step 0, model only, `megatron.checkpoint.save_checkpoint`) in which
 each parameter's slice is read from the safetensors right before it is written (`lazy_save.py`): a
-rank holds about one parameter at a time. Plus the files of `assets.py`. `load_megatron_model`
+rank holds about one parameter at a time. Plus the config / tokenizer files (`bridge/snapshot.py`) and
+the converter metadata (`assets.py`). `load_megatron_model`
 builds a model at the current layout and loads such a checkpoint into it (torch_dist reshards on load).
 Megatron -> HF never builds a model: see `to_hf.py`.
 Tests: `python -m pytest tests/e2e/test_converters.py -q` (SmolLM2: add `-m slow`).
@@ -31,8 +32,8 @@ from megatron.core import parallel_state as ps
 
 from megatron_sapo.bridge import ParallelGroups, mapping_table
 from megatron_sapo.bridge.layout import local_parameters
+from megatron_sapo.bridge.snapshot import copy_assets
 from megatron_sapo.convert.assets import (
-    copy_assets,
     load_hf_config,
     read_metadata,
     safetensors_dtype,

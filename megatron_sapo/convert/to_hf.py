@@ -10,7 +10,7 @@ full megatron tensor (TP-merged: fused QKV grouped per KV head, SwiGLU fc1 = [ga
 so the architecture's bridge table turns it into HF tensors with the same `to_hf` that weight export
 uses. The HF tensors are planned (names, shapes, output dtype, shards) from the metadata alone, shards
 are dealt round-robin over the ranks, and every rank writes its shards tensor by tensor
-(`safetensors_stream.ShardWriter`): a rank holds one megatron tensor and its HF views at a time, never
+(`bridge/safetensors_io.ShardWriter`): a rank holds one megatron tensor and its HF views at a time, never
 a shard. Rank 0 then writes the index and copies config / tokenizer files.
 
 Works with or without torch.distributed (no megatron parallel state is used). Output: tensors
@@ -34,10 +34,7 @@ from tqdm import tqdm
 
 from megatron_sapo.bridge import mapping_table
 from megatron_sapo.bridge.mapping import Mapping, MappingTable
-from megatron_sapo.convert.assets import copy_assets, load_hf_config, read_metadata
-from megatron_sapo.convert.dist_reader import DistCheckpointReader
-from megatron_sapo.convert.layout import ConversionError
-from megatron_sapo.convert.safetensors_stream import (
+from megatron_sapo.bridge.safetensors_io import (
     ShardWriter,
     TensorMeta,
     nbytes,
@@ -45,6 +42,10 @@ from megatron_sapo.convert.safetensors_stream import (
     shard_file_name,
     write_index,
 )
+from megatron_sapo.bridge.snapshot import copy_assets
+from megatron_sapo.convert.assets import load_hf_config, read_metadata
+from megatron_sapo.convert.dist_reader import DistCheckpointReader
+from megatron_sapo.convert.layout import ConversionError
 from megatron_sapo.megatron.checkpoint import TRACKER_FILE, checkpoint_path
 
 logger = logging.getLogger(__name__)

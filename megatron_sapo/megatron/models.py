@@ -31,8 +31,6 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-# ARCHITECTURES is re-exported for megatron_sapo/convert/assets.py, which checks a config.json against it.
-from megatron_sapo.bridge.arch import ARCHITECTURES as ARCHITECTURES
 from megatron_sapo.bridge.arch import Architecture, architecture_of
 
 SpecName = Literal["auto", "local", "te"]

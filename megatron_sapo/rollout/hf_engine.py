@@ -28,21 +28,19 @@ transformers 5's fused in-memory parameters through transformers' own save-time 
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
+from megatron_sapo.bridge.safetensors_io import SafetensorsReader
 from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -304,18 +302,15 @@ class TransformersEngine:
         self._load(list(named_tensors), version=version, complete=False)
 
     def update_weights_from_disk(self, model_dir: str | os.PathLike, *, version: str) -> None:
-        """Reload every weight from a Hugging Face dir (`model.safetensors` or index + shards)."""
-        path = Path(model_dir)
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").exists():
-            files = ["model.safetensors"]
-        else:
-            raise RolloutError(f"TransformersEngine: no model.safetensors(.index.json) in {path}")
-        tensors: list[tuple[str, torch.Tensor]] = []
-        for file in files:
-            tensors += load_file(str(path / file)).items()
+        """Reload every weight from a Hugging Face dir (as `bridge/safetensors_io.SafetensorsReader` reads it)."""
+        try:
+            reader = SafetensorsReader(model_dir)
+        except FileNotFoundError:
+            raise RolloutError(
+                f"TransformersEngine: no model.safetensors(.index.json) in {model_dir}"
+            ) from None
+        with reader:
+            tensors = [(name, reader.read(name, ())) for name in reader.names()]
         self._load(tensors, version=version, complete=True)
 
     def _load(self, tensors: list[tuple[str, torch.Tensor]], *, version: str, complete: bool) -> None:

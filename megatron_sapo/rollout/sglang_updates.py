@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import threading
 import uuid
@@ -34,15 +33,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
-from safetensors import safe_open
 
+from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
 from megatron_sapo.rollout.client import Endpoint, SGLangEngine
 from megatron_sapo.rollout.types import RolloutError
 
 log = logging.getLogger(__name__)
 
 Bucket = Sequence[tuple[str, torch.Tensor]]
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 class WeightManifest:
@@ -53,23 +51,12 @@ class WeightManifest:
 
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> WeightManifest:
-        path = Path(path)
-        index = path / "model.safetensors.index.json"
-        files = (
-            sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-            if index.exists()
-            else sorted(path.glob("*.safetensors"))
-        )
-        if not files:
-            raise RolloutError(f"no safetensors files in {path}")
-        entries = {}
-        for file in files:
-            with safe_open(file, framework="pt") as handle:
-                names = handle.keys()  # safe_open handles are not iterable
-                for name in names:
-                    s = handle.get_slice(name)
-                    entries[name] = (tuple(s.get_shape()), _DTYPES.get(s.get_dtype()))
-        return cls(entries, str(path))
+        try:
+            reader = SafetensorsReader(path)
+        except FileNotFoundError:
+            raise RolloutError(f"no safetensors files in {path}") from None
+        headers = {name: reader.header(name) for name in reader.names()}
+        return cls({name: (h.shape, DTYPES.get(h.dtype)) for name, h in headers.items()}, str(path))
 
     def check(self, bucket: Bucket) -> None:
         problems = []

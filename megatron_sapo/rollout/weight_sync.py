@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.bridge import export_hf_weights
-from megatron_sapo.convert.assets import write_hf_snapshot
+from megatron_sapo.bridge.snapshot import write_hf_snapshot
 from megatron_sapo.rollout.client import SGLangEngine
 from megatron_sapo.rollout.types import RolloutEngine
 from megatron_sapo.utils.spawn import free_port

@@ -107,7 +107,7 @@ class MetricsWriter:
 def export_final_hf(cfg: TrainJobConfig, policy: Any, hf_config: Any, hf_dir: Path, out: Path) -> None:
     """All ranks (collective export; rank 0 writes): the final policy as a HF checkpoint in <out>/hf."""
     from megatron_sapo.bridge import export_hf_weights
-    from megatron_sapo.convert.assets import write_hf_snapshot
+    from megatron_sapo.bridge.snapshot import write_hf_snapshot
 
     buckets = export_hf_weights(policy.model, hf_config)
     if dist.get_rank() != 0:

@@ -2,7 +2,8 @@
 
 Primitives against hand-written layouts (per-head loops, not the primitives' reshapes): fused QKV rows
 per KV group, GLU halves per TP rank, vocab padding, transformers-5 fused experts read as per-expert
-tensors. The sharded writer against its byte bound and HF's index format. Loads from a multi-shard
+tensors. The sharded writer against its byte bound, HF's index format and `save_file`'s bytes (every
+dtype); the header reader against the tensors written. Loads from a multi-shard
 checkpoint and from fused expert names on disk reproduce the model; missing tensors, shape mismatches
 and unknown architectures fail with messages naming them. A new architecture is one file: a copy of
 `bridge/arch/llama.py` under another model_type, put on the package's path, is built and loaded by the
@@ -41,6 +42,7 @@ from megatron_sapo.bridge import (
 from megatron_sapo.bridge.arch import discover
 from megatron_sapo.bridge.load import StateDictSource, open_source
 from megatron_sapo.bridge.mapping import FusedQKV, GatedMLP, ModelDims, VocabParallel
+from megatron_sapo.bridge.safetensors_io import DTYPES
 from megatron_sapo.megatron.models import architecture_of, build_gpt_model
 from megatron_sapo.megatron.testing import init_megatron_cpu
 from megatron_sapo.utils.spawn import free_port
@@ -130,6 +132,30 @@ def test_sharded_writer_bounds_shards_and_reads_back(tmp_path) -> None:
     assert sorted(p.name for p in single.iterdir()) == ["model.safetensors"]
     with pytest.raises(ValueError, match="given twice"):
         save_safetensors_sharded([tensors[0], tensors[0]], tmp_path / "dup")
+
+
+def test_writer_matches_save_file_and_reader_reads_headers(tmp_path) -> None:
+    """Every dtype of the table, in one shard: the bytes of `save_file`; the reader's headers and data."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"w.{code.lower()}": (torch.rand(3, 5, generator=gen) * 100).to(dtype)
+        for code, dtype in DTYPES.items()
+    }
+    tensors["a.scalar"] = torch.tensor(1.5, dtype=torch.bfloat16)
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    save_safetensors_sharded(tensors.items(), tmp_path / "ours")
+    written = (tmp_path / "ours" / "model.safetensors").read_bytes()
+    assert written == (tmp_path / "reference.safetensors").read_bytes()
+    with SafetensorsReader(tmp_path / "ours") as reader:
+        assert sorted(reader.names()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            header = reader.header(name)
+            assert DTYPES[header.dtype] == tensor.dtype and header.shape == tuple(tensor.shape)
+            assert header.nbytes == tensor.numel() * tensor.element_size()
+            assert torch.equal(reader.read(name, ()), tensor)
+        assert reader.header("nope") is None
+    with pytest.raises(ValueError, match=r"'c' is torch.complex64"):
+        save_safetensors_sharded([("c", torch.zeros(2, dtype=torch.complex64))], tmp_path / "complex")
 
 
 @pytest.fixture(scope="module")
