@@ -1,7 +1,7 @@
 """What the converters check and record around the weights: the HF config, the checkpoint dtype, metadata.
 
 A converter output directory (`hf_to_megatron`) holds the megatron distributed checkpoint next to what is
-needed to go back to Hugging Face (config and tokenizer files copied by `bridge/snapshot.copy_assets`)::
+needed to go back to Hugging Face (config and tokenizer files copied by `bridge.snapshot.copy_assets`)::
 
     config.json  tokenizer.json  tokenizer_config.json  ...  generation_config.json
     megatron_sapo.json                      format, model_type, layout used, dtype, tensor count
@@ -9,7 +9,7 @@ needed to go back to Hugging Face (config and tokenizer files copied by `bridge/
     iter_0000000/                           torch_dist checkpoint (model weights only)
 
 `load_hf_config` checks an HF dir, `safetensors_dtype` reads its weights' dtypes from the safetensors
-headers (`bridge/safetensors_io.SafetensorsReader`), `write_metadata` / `read_metadata` the
+headers (`bridge.safetensors_io.SafetensorsReader`), `write_metadata` / `read_metadata` the
 `megatron_sapo.json` file. Tests: `python -m pytest tests/e2e/test_converters.py -q`
 """
 

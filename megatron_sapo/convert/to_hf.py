@@ -10,7 +10,7 @@ full megatron tensor (TP-merged: fused QKV grouped per KV head, SwiGLU fc1 = [ga
 so the architecture's bridge table turns it into HF tensors with the same `to_hf` that weight export
 uses. The HF tensors are planned (names, shapes, output dtype, shards) from the metadata alone, shards
 are dealt round-robin over the ranks, and every rank writes its shards tensor by tensor
-(`bridge/safetensors_io.ShardWriter`): a rank holds one megatron tensor and its HF views at a time, never
+(`bridge.safetensors_io.ShardWriter`): a rank holds one megatron tensor and its HF views at a time, never
 a shard. Rank 0 then writes the index and copies config / tokenizer files.
 
 Works with or without torch.distributed (no megatron parallel state is used). Output: tensors

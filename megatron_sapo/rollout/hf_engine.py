@@ -302,7 +302,7 @@ class TransformersEngine:
         self._load(list(named_tensors), version=version, complete=False)
 
     def update_weights_from_disk(self, model_dir: str | os.PathLike, *, version: str) -> None:
-        """Reload every weight from a Hugging Face dir (as `bridge/safetensors_io.SafetensorsReader` reads it)."""
+        """Reload every weight from a Hugging Face dir (as `bridge.safetensors_io.SafetensorsReader` reads it)."""
         try:
             reader = SafetensorsReader(model_dir)
         except FileNotFoundError:
