@@ -28,14 +28,14 @@ from pathlib import Path
 import matplotlib
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from transformers import Qwen3MoeConfig
 
 from megatron_sapo.losses import LOSSES, group_advantages
 from megatron_sapo.megatron.batching import Sample
-from megatron_sapo.megatron.cpu import causal_attention_mask, enable_cpu_compat, model_parallel_manual_seed
+from megatron_sapo.megatron.cpu import causal_attention_mask
 from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
 from megatron_sapo.megatron.models import build_gpt_model
+from megatron_sapo.megatron.parallel import ParallelConfig, init_parallel
 from megatron_sapo.utils.spawn import free_port
 
 matplotlib.use("Agg")
@@ -89,10 +89,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
-    enable_cpu_compat()
-    parallel_state.initialize_model_parallel()
-    model_parallel_manual_seed(args.seed)
-    torch.manual_seed(args.seed)
+    init_parallel(ParallelConfig(), seed=args.seed)
     engine = PolicyEngine(
         partial(build_gpt_model, POLICY),
         OptimConfig(lr=args.lr, clip_grad=1.0),

@@ -79,8 +79,8 @@ def _train(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
             return 2
-    from megatron_sapo.cluster.launch import LayoutError
     from megatron_sapo.data import DataError
+    from megatron_sapo.megatron.parallel import LayoutError
     from megatron_sapo.rollout import RolloutError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -88,7 +88,7 @@ def _train(args: argparse.Namespace) -> int:
     trainer = importlib.import_module("megatron_sapo.train.loop")  # via sys.modules: tests may stub it
     try:
         return trainer.run(cfg) or 0
-    except LayoutError as e:  # processes / nodes / GPUs that do not fit the config: names the setting
+    except LayoutError as e:  # processes / nodes / GPUs / model / dtype that do not fit: names the setting
         print(f"megatron-sapo train: error: {e}", file=sys.stderr)
         return 2
     except DataError as e:  # a bad dataset row: the message names the file and row

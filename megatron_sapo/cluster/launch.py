@@ -1,6 +1,6 @@
 """Where this process sits in a (multi-node) job: rank, node, rendezvous address and role, from the env.
 
-    launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=torch.cuda.device_count())
+    launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=gpu_count())
     launch.role          # "trainer" or "engine" (disaggregated: the last cluster.engine_nodes nodes)
     engine_urls(launch, cfg.cluster, cfg.rollout.num_engines)   # ["http://node4:30000", ...]: the engines
                                                               # of other nodes the trainer talks to
@@ -21,7 +21,8 @@ checked with hand-written environments. Rules:
 - colocated with `colocated_engines: every_node` on several nodes: local rank 0 of train node k serves
   `rollout.num_engines` engines on ports engine_port + k × num_engines + i (distinct across nodes, so
   "nodes" that share one host in tests do not collide); the trainers need the node names (SLURM).
-A layout that cannot work is a `LayoutError`: one line naming the setting and the numbers.
+A layout that cannot work is a `LayoutError` (megatron/parallel.py, whose `check_layout` checks the
+parallel sizes): one line naming the setting and the numbers.
 Tests: tests/unit/test_launch.py.
 """
 
@@ -33,22 +34,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 from megatron_sapo.cluster.config import ClusterConfig
-from megatron_sapo.megatron.parallel import ParallelConfig
+from megatron_sapo.megatron.parallel import LayoutError, ParallelConfig, check_layout
 
 __all__ = [
     "Launch",
     "LayoutError",
-    "check_parallel_layout",
     "engine_urls",
     "every_node_engines",
     "expand_nodelist",
     "node_engine_ports",
     "resolve",
 ]
-
-
-class LayoutError(ValueError):
-    """The processes, nodes and GPUs of this job do not fit the configured layout (one line)."""
 
 
 # ---- SLURM hostlists ------------------------------------------------------------------------------
@@ -309,7 +305,7 @@ def resolve(
         num_nodes=num_nodes,
         cuda=cuda_devices > 0,
     )
-    check_parallel_layout(parallel, world)
+    check_layout(parallel, world=world, gpu=cuda_devices > 0)
     if cuda_devices > 0 and source != "single":
         # colocated: the nodes that run trainer processes (a step may cover part of the allocation)
         n_train = len(engine_nodes and train_nodes) or max(1, world // local_world)
@@ -333,23 +329,6 @@ def _slurm_gpus(env: Mapping[str, str]) -> int | None:
             if count:
                 return count
     return None
-
-
-def check_parallel_layout(parallel: ParallelConfig, world: int) -> None:
-    """Raise LayoutError unless tp×pp divides the trainer ranks and etp×ep the ranks of one pipeline stage."""
-    p = parallel
-    if world % (p.tp * p.pp):
-        raise LayoutError(
-            f"parallel.tp x parallel.pp = {p.tp} x {p.pp} = {p.tp * p.pp} does not divide the trainer world "
-            f"size {world}"
-        )
-    stage = world // p.pp
-    etp = p.etp or p.tp
-    if stage % (etp * p.ep):
-        raise LayoutError(
-            f"parallel.etp x parallel.ep = {etp} x {p.ep} = {etp * p.ep} does not divide the {stage} ranks of "
-            f"one pipeline stage (trainer world size {world} / parallel.pp {p.pp})"
-        )
 
 
 def every_node_engines(launch: Launch, cluster: ClusterConfig) -> bool:

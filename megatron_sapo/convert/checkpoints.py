@@ -1,6 +1,7 @@
 """Hugging Face -> Megatron distributed checkpoint conversion at any TP / PP / VPP / EP layout.
 
-Call inside `parallel_session(layout)` on every rank of the job (the tools in `tools/` do):
+Call inside `parallel_session(layout)` (`Layout` = megatron.parallel.ParallelConfig) on every rank of the
+job (the tools in `tools/` do):
 
     with parallel_session(Layout(tp=2)):
         hf_to_megatron("/ckpt/Qwen3-8B", "/ckpt/Qwen3-8B-mcore")          # each rank reads its slices
@@ -28,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
 from megatron_sapo.bridge import ParallelGroups, mapping_table
 from megatron_sapo.bridge.layout import local_parameters
@@ -39,7 +39,7 @@ from megatron_sapo.convert.assets import (
     safetensors_dtype,
     write_metadata,
 )
-from megatron_sapo.convert.layout import ConversionError, Layout
+from megatron_sapo.convert.layout import ConversionError
 from megatron_sapo.convert.lazy_save import LazyTorchDistSave, ParamSlices
 from megatron_sapo.megatron.checkpoint import load_checkpoint, save_checkpoint
 from megatron_sapo.megatron.models import (
@@ -49,30 +49,22 @@ from megatron_sapo.megatron.models import (
     te_available,
     transformer_config_from_hf,
 )
+from megatron_sapo.megatron.parallel import current_layout, on_gpu
 
 logger = logging.getLogger(__name__)
-
-
-def current_layout() -> Layout:
-    """The layout of megatron's initialised parallel state."""
-    return Layout(
-        tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
-        ep=ps.get_expert_model_parallel_world_size(),
-        vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
-    )
 
 
 def build_model_chunks(hf_config: Any, *, dtype: torch.dtype, spec: SpecName) -> list[torch.nn.Module]:
     """This rank's (virtual) pipeline chunks of the model at the current layout, weights uninitialised."""
     layout = current_layout()
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not on_gpu()
     try:
         config = transformer_config_from_hf(
             hf_config,
             tp=layout.tp,
             pp=layout.pp,
             ep=layout.ep,
+            etp=layout.etp,
             vpp=layout.vpp,
             dtype=None if on_cpu else dtype,  # CPU: fp32 only (exact for fp16 / bf16 sources)
             use_cpu_initialization=True,  # weights are overwritten: skip the GPU init kernels

@@ -1,6 +1,6 @@
 """Shared plumbing of the converter CLIs: one-line user errors, rank-0 printing, size parsing.
 
-    sys.exit(run_cli(main))      # main() -> None; ConversionError -> "error: ..." on rank 0, exit code 2
+    sys.exit(run_cli(main))      # main() -> None; a user error -> "error: ..." on rank 0, exit code 2
 
 Tests: `python -m pytest tests/e2e/test_converters.py -q`
 """
@@ -14,6 +14,8 @@ import sys
 from collections.abc import Callable
 
 from megatron_sapo.convert.layout import ConversionError
+from megatron_sapo.megatron.parallel import LayoutError
+from megatron_sapo.utils.typed_config import ConfigError
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -37,12 +39,15 @@ def parse_size(text: str) -> int:
 
 
 def run_cli(main: Callable[[], None]) -> int:
-    """Run `main`; a ConversionError becomes one line on stderr (rank 0) and exit code 2."""
+    """Run `main`; a user error (ConversionError, LayoutError; a layout flag below 1, ConfigError) becomes
+    one line on stderr (rank 0) and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except ConversionError as err:
+    except (ConversionError, LayoutError, ConfigError) as err:
+        # ParallelConfig's own checks name its field: tp -> --tp
+        message = f"--{err.key}: {err.message}" if isinstance(err, ConfigError) and err.key else str(err)
         if is_rank0():
-            print(f"error: {err}", file=sys.stderr, flush=True)
+            print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -57,6 +57,7 @@ from megatron_sapo.megatron.optimizer_ckpt import (
     refit_chain,
     without_empty_param_state,
 )
+from megatron_sapo.megatron.parallel import on_gpu
 
 __all__ = [
     "TRACKER_FILE",
@@ -104,7 +105,7 @@ def _sharded_metadata() -> dict[str, Any]:
         chained_optim_avoid_prefix=True,  # MoE: dense + expert optimizers, keys independent of the chain
         # Gather optimizer shards over the gloo DP group onto DP rank 0 (the default all-gathers CUDA
         # tensors); on GPU keep megatron's default, which spreads the writes over DP ranks.
-        distrib_optim_fully_reshardable_mem_efficient=not torch.cuda.is_available(),
+        distrib_optim_fully_reshardable_mem_efficient=not on_gpu(),
         singleton_local_shards=False,
         dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
     )
@@ -117,7 +118,7 @@ def _rng_state() -> dict[str, Any]:
         torch=torch.get_rng_state(),
         tracker=tensor_parallel.get_cuda_rng_tracker().get_states(),
     )
-    if torch.cuda.is_available():
+    if on_gpu():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -126,7 +127,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_gpu():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 

@@ -6,6 +6,7 @@ TransformerConfig settings without which the CPU path cannot work (no fused kern
 
     from megatron_sapo.megatron.cpu import enable_cpu_compat, cpu_transformer_config_kwargs
     enable_cpu_compat()                      # before building models; raises if CUDA is available
+                                             # (megatron.parallel.init_parallel calls it on CPU)
     config = TransformerConfig(..., **cpu_transformer_config_kwargs())
 
 Checked against megatron-core 0.16.1 (`CHECKED_VERSIONS`) with torch 2.14.1; other versions warn.
@@ -38,7 +39,7 @@ torch itself included, is untouched. Patched sites (megatron-core 0.16.1):
   write the CPU generator; `CudaRNGStatesTracker` is swapped for `_CpuRNGStatesTracker` (the original
   fork() warns on every CPU dropout because the forked stream *is* the CPU generator); the module's
   `torch.cuda.manual_seed/get_rng_state` go to the CPU generator, so `model_parallel_cuda_manual_seed`
-  (wrapped by `model_parallel_manual_seed`) works unchanged.
+  (called by `megatron.parallel.seed_all`) works unchanged.
 - transformer/moe/moe_utils.py: `te_general_gemm` is only bound when Transformer Engine imports, yet the
   router's gating linear tests `te_general_gemm is not None` -> NameError without TE; bound to None.
 - transformer/moe/token_dispatcher.py: `maybe_move_tensor_to_cpu(..., as_numpy=True)` converts only CUDA
@@ -56,7 +57,6 @@ torch itself included, is untouched. Patched sites (megatron-core 0.16.1):
   during those calls only, a CPU tensor's `.type()` reports its CUDA type name (`_with_cuda_type_names`).
   With that, `get_megatron_optimizer` (Adam, distributed optimizer, fp32) and its grad clipping
   (`get_grad_norm_fp32` + `clip_grad_by_total_norm_fp32`, reduced over gloo) run unchanged.
-  `clip_grad_norm_cpu` below remains for code that clips without a megatron optimizer.
 
 - pipeline_parallel/p2p_communication.py: `batch_p2p_comm=False` (in `cpu_transformer_config_kwargs`), see
   there; the shape exchange for `variable_seq_lengths` is always batched, so interleaved schedules at PP=2
@@ -71,14 +71,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import math
 import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 CHECKED_VERSIONS = ("0.16.1",)
 
@@ -410,79 +408,7 @@ def cpu_transformer_config_kwargs() -> dict[str, Any]:
     )
 
 
-def model_parallel_manual_seed(seed: int) -> None:
-    """CPU replacement for `tensor_parallel.model_parallel_cuda_manual_seed` (call after parallel init).
-
-    Seeds the CPU generator with `seed` and registers megatron's data-, tensor- and expert-parallel RNG
-    streams (same offsets as megatron: TP rank and EP rank enter the forked seeds).
-    """
-    if not _enabled:
-        raise RuntimeError("call enable_cpu_compat() first")
-    from megatron.core import tensor_parallel
-
-    # Works unchanged once enabled: its torch.cuda.manual_seed is the CPU generator's (see docstring).
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
-
-
 def causal_attention_mask(seq_len: int, batch_size: int = 1) -> torch.Tensor:
     """Boolean causal mask `[B, 1, T, T]`, True where attention is *masked* (megatron's convention)."""
     mask = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), diagonal=1)
     return mask.view(1, 1, seq_len, seq_len).expand(batch_size, 1, seq_len, seq_len)
-
-
-def clip_grad_norm_cpu(
-    params: Iterable[torch.nn.Parameter],
-    max_norm: float,
-    *,
-    model_parallel_group: dist.ProcessGroup | None = None,
-    tp_group: dist.ProcessGroup | None = None,
-    norm_type: float = 2.0,
-) -> float:
-    """Clip gradients in place by their global norm over model-parallel ranks; return that norm.
-
-    CPU path for megatron's `clip_grad_norm_fp32` (which asserts CUDA grads). Uses `param.main_grad`
-    when present (megatron DDP) else `param.grad`. A parameter replicated across TP ranks is counted on TP
-    rank 0 only (`tp_group`; None means no TP), and a `param.shared` copy (the tied output embedding on
-    the last pipeline stage) is not counted; the norm is reduced over `model_parallel_group` (TP x PP,
-    plus EP for experts; None means this process holds the whole model). Every grad is scaled.
-    """
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    params = list(params)
-    grads = [p.main_grad if hasattr(p, "main_grad") else p.grad for p in params]
-    counted = [
-        g.detach().float()
-        for p, g in zip(params, grads)
-        if g is not None
-        and not getattr(p, "shared", False)
-        and param_is_not_tensor_parallel_duplicate(p, tp_group=tp_group if tp_group is not None else _NoTP)
-    ]
-    if norm_type == math.inf:
-        total = torch.stack([g.abs().max() for g in counted]).max() if counted else torch.zeros(())
-        total = total.reshape(1)
-        if model_parallel_group is not None:
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=model_parallel_group)
-        total_norm = float(total[0])
-    else:
-        total = sum((torch.linalg.vector_norm(g, norm_type) ** norm_type for g in counted), torch.zeros(()))
-        total = total.reshape(1)
-        if model_parallel_group is not None:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=model_parallel_group)
-        total_norm = float(total[0]) ** (1.0 / norm_type)
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0:
-        for g in grads:
-            if g is not None:
-                g.mul_(clip_coeff)
-    return total_norm
-
-
-class _NoTPGroup:
-    """A one-rank stand-in for a TP group, so replicated params count once when there is no TP."""
-
-    @staticmethod
-    def rank() -> int:
-        return 0
-
-
-_NoTP = _NoTPGroup()

@@ -12,7 +12,7 @@ same code serves TP, PP, virtual PP, DP and EP (gloo on CPU, NCCL on GPU)::
 `samples` are this data-parallel rank's `Sample`s (see `batching.shard_for_data_parallel`); every rank of
 a model-parallel group (TP × PP) passes the same list. `model_provider(pre_process, post_process,
 vp_stage=None)` returns one megatron module for this rank's (virtual) pipeline stage, weights loaded.
-On CPU call `megatron_sapo.megatron.cpu.enable_cpu_compat()` first.
+Parallel state first: `megatron_sapo.megatron.parallel.init_parallel` (on CPU it enables megatron/cpu.py).
 
 Loss normalisation. The gradient must be exactly ∇(Σ_i seqmean_i / N) with N the number of sequences of
 the *global* mini-batch (all DP ranks): `compute_policy_loss` gets `normalizer=N` (DP-summed). Megatron
@@ -70,6 +70,7 @@ from megatron_sapo.megatron.batching import (
 )
 from megatron_sapo.megatron.engine_routing import REPLAY_MODES, EngineRouting
 from megatron_sapo.megatron.logprobs import vocab_parallel_logprobs
+from megatron_sapo.megatron.parallel import device
 from megatron_sapo.utils.typed_config import check, check_choice, check_min
 
 __all__ = ["LossConfig", "OptimConfig", "PolicyEngine"]
@@ -166,8 +167,7 @@ class PolicyEngine:
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"PolicyEngine temperature must be > 0 and finite, got {temperature}")
         self.loss_config, self.pad_token_id, self.temperature = loss, pad_token_id, temperature
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        self.device = self.device or torch.device("cpu")
+        self.device = device()
         self.model = self._build_model(model_provider, optim, ddp_config)
         self._sequence_parallel = self.model[0].config.sequence_parallel
         self.optimizer = get_megatron_optimizer(

@@ -32,6 +32,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_sapo.bridge.arch import Architecture, architecture_of
+from megatron_sapo.megatron.parallel import on_gpu
 
 SpecName = Literal["auto", "local", "te"]
 
@@ -147,19 +148,21 @@ def transformer_config_from_hf(
     etp: int | None = None,
     vpp: int | None = None,
     dtype: torch.dtype | None = None,
+    sequence_parallel: bool | None = None,
     on_cpu: bool | None = None,
     **overrides: Any,
 ) -> TransformerConfig:
     """Megatron `TransformerConfig` equivalent to `hf_config` at the given parallel layout.
 
-    `dtype`: parameter dtype (default bf16 on GPU, fp32 on CPU; CPU accepts fp32 only). `on_cpu`:
-    default `not torch.cuda.is_available()`; True merges `cpu_transformer_config_kwargs()` (fp32, CPU
-    init, fusions off). `overrides` are TransformerConfig fields applied last (e.g. `recompute_granularity`,
+    `dtype`: parameter dtype (default bf16 on GPU, fp32 on CPU; CPU accepts fp32 only).
+    `sequence_parallel`: default on when tp > 1 on GPU (megatron requires it for MoE with TP), off on CPU
+    (where it is impossible: True raises). `on_cpu`: default `not parallel.on_gpu()`; True merges
+    `cpu_transformer_config_kwargs()` (fp32, CPU init, fusions off). `overrides` are TransformerConfig fields applied last (e.g. `recompute_granularity`,
     `moe_aux_loss_coeff`). Raises ValueError for unsupported architectures or fields.
     """
     arch = architecture_of(hf_config)
     _check_supported(hf_config, arch)
-    on_cpu = not torch.cuda.is_available() if on_cpu is None else on_cpu
+    on_cpu = not on_gpu() if on_cpu is None else on_cpu
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     kwargs: dict[str, Any] = dict(
         num_layers=hf_config.num_hidden_layers,
@@ -191,6 +194,8 @@ def transformer_config_from_hf(
 
         if dtype not in (None, torch.float32):
             raise ValueError(f"dtype={dtype} on CPU: megatron's CPU path is fp32 only")
+        if sequence_parallel:
+            raise ValueError("sequence_parallel on CPU: megatron's sequence parallelism needs a GPU")
         kwargs.update(cpu_transformer_config_kwargs())
     else:
         dtype = dtype or torch.bfloat16
@@ -200,7 +205,7 @@ def transformer_config_from_hf(
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             # megatron refuses MoE + TP without it, and it is the memory-sane default with TP on GPU.
-            sequence_parallel=tp > 1,
+            sequence_parallel=tp > 1 if sequence_parallel is None else sequence_parallel,
         )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -208,7 +213,7 @@ def transformer_config_from_hf(
 
 def te_available() -> bool:
     """Transformer Engine importable and a CUDA device present (the TE layer spec needs both)."""
-    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+    return importlib.util.find_spec("transformer_engine") is not None and on_gpu()
 
 
 def layer_spec_for(
@@ -225,7 +230,7 @@ def layer_spec_for(
     if spec == "te" and not te_available():
         raise ValueError(
             "spec='te' needs Transformer Engine and CUDA (transformer_engine importable: "
-            f"{importlib.util.find_spec('transformer_engine') is not None}, cuda: {torch.cuda.is_available()})"
+            f"{importlib.util.find_spec('transformer_engine') is not None}, cuda: {on_gpu()})"
         )
     use_te = spec == "te" or (spec == "auto" and te_available())
     return get_gpt_decoder_block_spec(

@@ -2,7 +2,7 @@
 
 Used inside ranks started by `megatron_sapo.utils.spawn.run_on_ranks` (gloo already initialised):
 
-    init_megatron_cpu(tp=2)                       # enable_cpu_compat + initialize_model_parallel + seeds
+    init_megatron_cpu(tp=2)                       # parallel.init_parallel(ParallelConfig(tp=2), seed=1234)
     model = build_tiny_gpt(tiny_gpt_config())     # local (non-TE) layer spec, fp32, CPU
     load_full_weights(model, full, tp_rank=..., tp_size=2)   # full = TP=1 names -> tensors
 
@@ -24,26 +24,21 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_sapo.megatron.batching import Sample
-from megatron_sapo.megatron.cpu import (
-    cpu_transformer_config_kwargs,
-    enable_cpu_compat,
-    model_parallel_manual_seed,
-)
+from megatron_sapo.megatron.cpu import cpu_transformer_config_kwargs
+from megatron_sapo.megatron.parallel import ParallelConfig, init_parallel
 
 
 def init_megatron_cpu(
-    *, tp: int = 1, pp: int = 1, ep: int = 1, vpp: int | None = None, seed: int = 1234
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    etp: int | None = None,
+    vpp: int | None = None,
+    seed: int = 1234,
 ) -> None:
-    """Enable the CPU layer and build megatron's parallel state inside an initialised gloo group."""
-    enable_cpu_compat()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        expert_model_parallel_size=ep,
-    )
-    model_parallel_manual_seed(seed)
+    """Tests' shorthand for `init_parallel` (CPU layer, parallel state, seeds) inside an initialised group."""
+    init_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, vpp=vpp), seed=seed)
 
 
 def random_samples(

@@ -80,7 +80,7 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
     tokenizer, hf_config = setup.load_tokenizer_and_config(hf_dir)
     data = load_data(cfg, tokenizer)
     policy = PolicyEngine(
-        partial(build_gpt_model, hf_config),
+        partial(build_gpt_model, hf_config, config=setup.model_config(cfg, hf_config)),
         cfg.optim,
         cfg.loss,
         pad_token_id=tokenizer.pad_token_id or 0,

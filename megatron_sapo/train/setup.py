@@ -1,28 +1,33 @@
 """Set-up of a `megatron-sapo train` process: where it runs, torch.distributed + megatron's parallel
-state, and the HF directory the run starts from (the embedded tiny model is built here). Every function
-says which ranks call it. Used by `train/loop.py`; tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py.
+state (megatron/parallel.py), the HF directory the run starts from (the embedded tiny model is built
+here) and the policy's TransformerConfig (`model.dtype`, `parallel.*`). Every function says which ranks
+call it. Used by `train/loop.py`; tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py,
+tests/unit/test_parallel.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.cluster.launch import (
-    Launch,
+from megatron_sapo.cluster.launch import Launch, every_node_engines, resolve
+from megatron_sapo.megatron.parallel import (
     LayoutError,
-    check_parallel_layout,
-    every_node_engines,
-    resolve,
+    check_layout,
+    gpu_count,
+    init_parallel,
+    init_process_group,
 )
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.utils.spawn import free_port
+
+if TYPE_CHECKING:
+    from megatron.core.transformer import TransformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +35,10 @@ log = logging.getLogger(__name__)
 def init_distributed(cfg: TrainJobConfig) -> Launch:
     """All processes: where this one runs (`launch.resolve`); trainers also join torch.distributed
     (env://, from srun / torchrun / nothing) and build megatron's parallel state. Engine-node processes
-    of a disaggregated run return at once (they never join the trainers' group)."""
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=cuda)
+    of a disaggregated run return at once (they never join the trainers' group). A layout, `model.dtype`
+    or device this machine cannot honour is a LayoutError before any process group is joined."""
+    check_layout(cfg.parallel, dtype=cfg.model.dtype)
+    launch = resolve(os.environ, cfg.cluster, cfg.parallel, cuda_devices=gpu_count())
     if every_node_engines(launch, cfg.cluster) and cfg.rollout.weight_sync.transport == "tensor":
         raise LayoutError(
             f"rollout.weight_sync.transport 'tensor' reaches only the engines on trainer rank 0's node; "
@@ -54,31 +60,32 @@ def init_distributed(cfg: TrainJobConfig) -> Launch:
             MASTER_ADDR=launch.master_addr,
             MASTER_PORT=str(port),
         )
-        if cuda:  # srun --gpus-per-task shows each task one device
-            torch.cuda.set_device(launch.local_rank % cuda)
-        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
-    check_parallel_layout(cfg.parallel, dist.get_world_size())
+        init_process_group(local_rank=launch.local_rank)  # srun --gpus-per-task: one device each
     p = cfg.parallel
     if dist.get_rank() == 0:
         log.warning("%s; layout tp=%d pp=%d ep=%d etp=%s", launch.describe(), p.tp, p.pp, p.ep, p.etp or p.tp)
-    if torch.cuda.is_available():
-        from megatron.core import parallel_state, tensor_parallel
-
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=p.tp,
-            pipeline_model_parallel_size=p.pp,
-            virtual_pipeline_model_parallel_size=p.vpp,
-            expert_model_parallel_size=p.ep,
-            expert_tensor_parallel_size=p.etp,
-        )
-        tensor_parallel.model_parallel_cuda_manual_seed(cfg.run.seed)
-    else:
-        from megatron_sapo.megatron.testing import init_megatron_cpu
-
-        init_megatron_cpu(tp=p.tp, pp=p.pp, ep=p.ep, vpp=p.vpp, seed=cfg.run.seed)
-    random.seed(cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
+    init_parallel(p, seed=cfg.run.seed)  # checks the layout against the world size first
     return launch
+
+
+def model_config(cfg: TrainJobConfig, hf_config: Any) -> TransformerConfig:
+    """All trainer ranks: the policy's TransformerConfig at `parallel.*` in `model.dtype`; a LayoutError
+    first when the layout does not split this model or this machine cannot honour the settings (the world
+    size was checked by `init_distributed`)."""
+    from megatron_sapo.megatron.models import transformer_config_from_hf
+
+    p = cfg.parallel
+    check_layout(p, hf_config=hf_config, dtype=cfg.model.dtype)
+    return transformer_config_from_hf(
+        hf_config,
+        tp=p.tp,
+        pp=p.pp,
+        ep=p.ep,
+        etp=p.etp,
+        vpp=p.vpp,
+        dtype=getattr(torch, cfg.model.dtype),
+        sequence_parallel=p.sequence_parallel,
+    )
 
 
 def model_dir(cfg: TrainJobConfig) -> Path:

@@ -125,11 +125,11 @@ def _rng_states() -> dict:
 
 
 def _scramble_rng() -> None:
-    from megatron_sapo.megatron.cpu import model_parallel_manual_seed
+    from megatron_sapo.megatron.parallel import seed_all
 
+    seed_all(4321)  # torch generator and megatron's tracker streams
     random.seed(99)
     np.random.seed(99)
-    model_parallel_manual_seed(4321)  # torch generator and megatron's tracker streams
 
 
 def _differences(a: dict, b: dict) -> list[str]:

@@ -1,7 +1,7 @@
 """Real megatron-core on CPU under gloo, checked against a single-process (TP=PP=EP=1) reference run.
 
 Covers `megatron_sapo.megatron.cpu` end to end: TP=2 forward (vocab-parallel logits) + DDP backward +
-`clip_grad_norm_cpu`; PP=2 forward-backward through `get_forward_backward_func`; a 4-expert top-2 MoE
+megatron's `get_grad_norm_fp32` over gloo; PP=2 forward-backward through `get_forward_backward_func`; a 4-expert top-2 MoE
 (SequentialMLP, alltoall dispatcher) at EP=2. Weights are identical by construction: the reference
 randomises a TP=1 model from a seeded generator and every sharded run loads slices of that state dict.
 
@@ -127,8 +127,9 @@ def _tp2(rank: int, world_size: int, weights: dict[str, np.ndarray]) -> dict:
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    from megatron_sapo.megatron.cpu import clip_grad_norm_cpu
     from megatron_sapo.megatron.testing import (
         build_tiny_gpt,
         init_megatron_cpu,
@@ -151,12 +152,13 @@ def _tp2(rank: int, world_size: int, weights: dict[str, np.ndarray]) -> dict:
     ddp.zero_grad_buffer()
     _forward(ddp, batch, labels=True).mean().backward()
     finalize_model_grads([ddp])
-    grad_norm = clip_grad_norm_cpu(
-        model.parameters(),
-        max_norm=1e9,
-        model_parallel_group=parallel_state.get_model_parallel_group(),
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
-    )
+    # each grad once: TP-replicated params (norms) on TP rank 0 only, like megatron's optimizer
+    grads = [
+        p.main_grad
+        for p in model.parameters()
+        if not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p)
+    ]
+    grad_norm = get_grad_norm_fp32(grads, grad_stats_parallel_group=parallel_state.get_model_parallel_group())
     return dict(logits_shard=logits_shard, grad_norm=grad_norm)
 
 

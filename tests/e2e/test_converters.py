@@ -216,7 +216,7 @@ ERRORS = {
     "world-size": (
         TO_MEGATRON,
         lambda h, t: ["--hf-dir", str(h), "--ep", "2"],
-        ["world size 1", "tp*pp*ep=2"],
+        ["world size 1", "--tp x --ep = 1 x 2 = 2"],
     ),
     "not-converted": (TO_HF, lambda h, t: ["--megatron-dir", str(h)], ["megatron_sapo.json"]),
 }

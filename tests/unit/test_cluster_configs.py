@@ -7,10 +7,11 @@ Run: `python -m pytest tests/unit/test_cluster_configs.py -q`.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from megatron_sapo.cluster.launch import check_parallel_layout
+from megatron_sapo.megatron.parallel import check_layout
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.utils.typed_config import load_config
 
@@ -36,11 +37,32 @@ CASES = {
 }
 
 
+# the models' config.json fields that the layout check reads (Qwen3-30B-A3B, Qwen3-8B)
+QWEN3 = {
+    "qwen3_30b_a3b_sapo.yaml": SimpleNamespace(
+        model_type="qwen3_moe",
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=6144,
+        num_hidden_layers=48,
+        num_experts=128,
+        moe_intermediate_size=768,
+    ),
+    "qwen3_8b_sapo.yaml": SimpleNamespace(
+        model_type="qwen3",
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+    ),
+}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_cluster_config_loads_and_fits(case: str) -> None:
     name, overrides, world = CASES[case]
     cfg = load_config(TrainJobConfig, ROOT / "configs" / name, overrides)
-    check_parallel_layout(cfg.parallel, world)
+    check_layout(cfg.parallel, world=world, hf_config=QWEN3[name], dtype=cfg.model.dtype, gpu=True)
     assert cfg.loss.name == "sapo" and cfg.loss.mini_batches == 4
     assert cfg.loss.params == {"tau_pos": 1.0, "tau_neg": 1.05}
     assert cfg.loss.aggregation == "seq-mean-token-mean"

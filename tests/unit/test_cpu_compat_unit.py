@@ -1,15 +1,13 @@
 """Single-process checks of the megatron-core CPU compatibility layer (`megatron_sapo.megatron.cpu`).
 
-Idempotence, refusal on CUDA, the version pin, the redirected CUDA sites, the CPU RNG tracker, and
-`clip_grad_norm_cpu` against `torch.nn.utils.clip_grad_norm_`. Enabling the layer patches megatron
+Idempotence, refusal on CUDA, the version pin, the redirected CUDA sites and the CPU RNG tracker
+(megatron's own grad clipping on CPU: tests/distributed/test_cpu_compat.py). Enabling the layer patches megatron
 modules for the rest of this (CPU-only) test process, which is what every CPU test wants anyway.
 
     python -m pytest tests/unit/test_cpu_compat_unit.py -q
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -82,34 +80,3 @@ def test_rng_tracker_forks_the_cpu_generator() -> None:
     assert torch.equal(torch.rand(3), outer_expected)  # the default stream resumes where it was
     with tracker.fork("unit-test-rng"):
         assert not torch.equal(torch.rand(3), forked)  # the forked stream advanced, not restarted
-
-
-def _model_with_grads(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    model(torch.randn(4, 6)).pow(2).sum().backward()
-    return model
-
-
-@pytest.mark.parametrize("norm_type", [2.0, math.inf])
-@pytest.mark.parametrize("max_norm", [0.1, 1e3])
-def test_clip_grad_norm_cpu_matches_torch(norm_type: float, max_norm: float) -> None:
-    ours, theirs = _model_with_grads(3), _model_with_grads(3)
-    total = cpu.clip_grad_norm_cpu(ours.parameters(), max_norm, norm_type=norm_type)
-    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm, norm_type=norm_type)
-    assert total == pytest.approx(float(expected), rel=1e-6)
-    for a, b in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
-
-
-def test_clip_grad_norm_cpu_uses_main_grad_and_skips_shared_copies() -> None:
-    model = _model_with_grads(4)
-    expected = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
-    for p in model.parameters():  # megatron DDP keeps grads in main_grad
-        p.main_grad, p.grad = p.grad, None
-    duplicate = torch.nn.Parameter(torch.zeros(3))
-    duplicate.main_grad, duplicate.shared = torch.full((3,), 100.0), True
-    total = cpu.clip_grad_norm_cpu([*model.parameters(), duplicate], max_norm=expected / 2)
-    assert total == pytest.approx(expected, rel=1e-6)
-    clipped = float(torch.nn.utils.get_total_norm([p.main_grad for p in model.parameters()]))
-    assert clipped == pytest.approx(expected / 2, rel=1e-5)
