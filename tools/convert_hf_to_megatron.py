@@ -18,7 +18,7 @@ import sys
 import time
 
 from megatron_sapo.convert import (
-    Layout,
+    ParallelConfig,
     check_layout,
     hf_to_megatron,
     load_hf_config,
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
-    layout = Layout(tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp)
+    layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp)
     hf_config = load_hf_config(args.hf_dir)
     check_layout(hf_config, layout, world=world_size())
     start = time.monotonic()

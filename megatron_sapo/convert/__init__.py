@@ -1,8 +1,8 @@
 """Checkpoint conversion Hugging Face <-> Megatron distributed checkpoints (the library behind tools/).
 
-    from megatron_sapo.convert import Layout, hf_to_megatron, megatron_to_hf, parallel_session, process_group
+    from megatron_sapo.convert import ParallelConfig, hf_to_megatron, megatron_to_hf, parallel_session, process_group
 
-    with parallel_session(Layout(tp=2)):                  # under torchrun --nproc-per-node 2
+    with parallel_session(ParallelConfig(tp=2)):          # under torchrun --nproc-per-node 2
         hf_to_megatron("/ckpt/hf", "/ckpt/mcore")
     with process_group():                                 # any number of ranks, or none
         megatron_to_hf("/ckpt/mcore", "/ckpt/hf-back")
@@ -15,7 +15,7 @@ from megatron_sapo.convert.assets import load_hf_config, read_metadata
 from megatron_sapo.convert.checkpoints import hf_to_megatron, load_megatron_model
 from megatron_sapo.convert.layout import (
     ConversionError,
-    Layout,
+    ParallelConfig,
     check_layout,
     default_layout,
     parallel_session,
@@ -26,7 +26,7 @@ from megatron_sapo.convert.to_hf import megatron_to_hf
 
 __all__ = [
     "ConversionError",
-    "Layout",
+    "ParallelConfig",
     "check_layout",
     "default_layout",
     "hf_to_megatron",

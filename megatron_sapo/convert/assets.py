@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
-from megatron_sapo.convert.layout import ConversionError, Layout
+from megatron_sapo.convert.layout import ConversionError
+from megatron_sapo.megatron.parallel import ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def safetensors_dtype(hf_dir: str | os.PathLike) -> tuple[str, int, int]:
     return str(DTYPES[code]).removeprefix("torch."), len(headers), sum(header.nbytes for header in headers)
 
 
-def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: Layout, **fields: Any) -> None:
+def write_metadata(out_dir: str | os.PathLike, hf_config: Any, layout: ParallelConfig, **fields: Any) -> None:
     """Write `megatron_sapo.json` (what `read_metadata` checks on the way back)."""
     meta = dict(
         format=FORMAT,

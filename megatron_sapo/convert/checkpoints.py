@@ -1,11 +1,11 @@
 """Hugging Face -> Megatron distributed checkpoint conversion at any TP / PP / VPP / EP layout.
 
-Call inside `parallel_session(layout)` (`Layout` = megatron.parallel.ParallelConfig) on every rank of the
+Call inside `parallel_session(layout)` (a megatron.parallel.ParallelConfig) on every rank of the
 job (the tools in `tools/` do):
 
-    with parallel_session(Layout(tp=2)):
+    with parallel_session(ParallelConfig(tp=2)):
         hf_to_megatron("/ckpt/Qwen3-8B", "/ckpt/Qwen3-8B-mcore")          # each rank reads its slices
-    with parallel_session(Layout(tp=2)):
+    with parallel_session(ParallelConfig(tp=2)):
         chunks, hf_config, meta = load_megatron_model("/ckpt/Qwen3-8B-mcore")   # any layout
 
 HF -> Megatron: every rank builds its part of the model on the meta device (`build_gpt_model`, no

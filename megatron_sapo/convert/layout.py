@@ -1,6 +1,6 @@
 """Parallel layouts for the checkpoint converters: validation against a model, defaults, process setup.
 
-    layout = Layout(tp=2, pp=1, ep=1)                     # = megatron.parallel.ParallelConfig
+    layout = ParallelConfig(tp=2, pp=1, ep=1)             # megatron/parallel.py's, as the trainer's
     check_layout(hf_config, layout, world=2)              # LayoutError naming the flag (--tp) that fails
     with parallel_session(layout):                        # torch.distributed + megatron parallel state
         ...
@@ -29,16 +29,13 @@ from megatron_sapo.megatron.parallel import LayoutError, ParallelConfig, world_s
 
 __all__ = [
     "ConversionError",
-    "Layout",
+    "ParallelConfig",
     "check_layout",
     "default_layout",
     "parallel_session",
     "process_group",
     "world_size",
 ]
-
-Layout = ParallelConfig
-"""The converters' name for megatron's parallel layout (they set tp, pp, ep, vpp)."""
 
 
 class ConversionError(ValueError):
@@ -53,14 +50,16 @@ def check_layout(hf_config: Any, layout: ParallelConfig, *, world: int) -> None:
 
 def default_layout(hf_config: Any, *, world: int) -> ParallelConfig:
     """A layout using all `world` ranks: EP over experts for MoE, else TP, else PP, else data parallel."""
-    candidates = [Layout(ep=world), Layout(tp=world), Layout(pp=world)] if world > 1 else []
+    candidates = (
+        [ParallelConfig(ep=world), ParallelConfig(tp=world), ParallelConfig(pp=world)] if world > 1 else []
+    )
     for layout in candidates:
         try:
             check_layout(hf_config, layout, world=world)
             return layout
         except LayoutError:
             continue
-    return Layout()
+    return ParallelConfig()
 
 
 def _init_process_group(backend: str | None = None) -> bool:

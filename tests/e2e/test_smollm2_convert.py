@@ -38,7 +38,7 @@ def smollm2_gguf() -> Path | None:
 
 def _rank_fn(rank: int, world_size: int, hf_dir: str, out: str, tokens: torch.Tensor) -> torch.Tensor:
     from megatron_sapo.convert import (
-        Layout,
+        ParallelConfig,
         hf_to_megatron,
         load_megatron_model,
         megatron_to_hf,
@@ -47,7 +47,7 @@ def _rank_fn(rank: int, world_size: int, hf_dir: str, out: str, tokens: torch.Te
     from megatron_sapo.megatron.cpu import causal_attention_mask
 
     batch, seq = tokens.shape
-    with parallel_session(Layout(tp=world_size)):
+    with parallel_session(ParallelConfig(tp=world_size)):
         hf_to_megatron(hf_dir, f"{out}/mcore")
         chunks, _, _ = load_megatron_model(f"{out}/mcore")
         with torch.no_grad():
