@@ -61,11 +61,7 @@ def build_model_chunks(hf_config: Any, *, dtype: torch.dtype, spec: SpecName) ->
     try:
         config = transformer_config_from_hf(
             hf_config,
-            tp=layout.tp,
-            pp=layout.pp,
-            ep=layout.ep,
-            etp=layout.etp,
-            vpp=layout.vpp,
+            **layout.as_dict(),
             dtype=None if on_cpu else dtype,  # CPU: fp32 only (exact for fp16 / bf16 sources)
             use_cpu_initialization=True,  # weights are overwritten: skip the GPU init kernels
         )

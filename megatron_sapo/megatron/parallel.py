@@ -55,6 +55,7 @@ class ParallelConfig:
         check(self.sequence_parallel is not True or self.tp > 1, "sequence_parallel", "needs parallel.tp > 1")
 
     def as_dict(self) -> dict[str, Any]:
+        """The fields by name: keyword arguments of `models.transformer_config_from_hf`."""
         return asdict(self)
 
 

@@ -76,16 +76,7 @@ def model_config(cfg: TrainJobConfig, hf_config: Any) -> TransformerConfig:
 
     p = cfg.parallel
     check_layout(p, hf_config=hf_config, dtype=cfg.model.dtype)
-    return transformer_config_from_hf(
-        hf_config,
-        tp=p.tp,
-        pp=p.pp,
-        ep=p.ep,
-        etp=p.etp,
-        vpp=p.vpp,
-        dtype=getattr(torch, cfg.model.dtype),
-        sequence_parallel=p.sequence_parallel,
-    )
+    return transformer_config_from_hf(hf_config, **p.as_dict(), dtype=getattr(torch, cfg.model.dtype))
 
 
 def model_dir(cfg: TrainJobConfig) -> Path:

@@ -37,24 +37,22 @@ CASES = {
 }
 
 
-# the models' config.json fields that the layout check reads (Qwen3-30B-A3B, Qwen3-8B)
+def _hf(model_type: str, heads: int, kv_heads: int, ffn: int, layers: int, **moe: int) -> SimpleNamespace:
+    """The config.json fields that the layout check reads."""
+    return SimpleNamespace(
+        model_type=model_type,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        **moe,
+    )
+
+
+# Qwen3-30B-A3B and Qwen3-8B as published
 QWEN3 = {
-    "qwen3_30b_a3b_sapo.yaml": SimpleNamespace(
-        model_type="qwen3_moe",
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        intermediate_size=6144,
-        num_hidden_layers=48,
-        num_experts=128,
-        moe_intermediate_size=768,
-    ),
-    "qwen3_8b_sapo.yaml": SimpleNamespace(
-        model_type="qwen3",
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        intermediate_size=12288,
-        num_hidden_layers=36,
-    ),
+    "qwen3_30b_a3b_sapo.yaml": _hf("qwen3_moe", 32, 4, 6144, 48, num_experts=128, moe_intermediate_size=768),
+    "qwen3_8b_sapo.yaml": _hf("qwen3", 32, 8, 12288, 36),
 }
 
 
