@@ -85,6 +85,7 @@ logger = logging.getLogger(__name__)
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 _ITER = re.compile(r"^iter_(\d{7,})$")
+_NEARLY_FULL = 1 << 20  # bytes free under which a failed write is taken for a full disk
 
 
 class CheckpointError(LayoutError):
@@ -286,7 +287,9 @@ def save_checkpoint(
             preprocess_common_before_consistancy_check=without_empty_param_state,
         )
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-        disk_full = is_disk_full(e)
+        # torch.save's zip writer reports ENOSPC without its errno ("unexpected pos N vs M"): a failed
+        # write with (next to) no space left on the device counts as disk full too
+        disk_full = is_disk_full(e) or shutil.disk_usage(root).free < _NEARLY_FULL
         if isinstance(e, CheckpointException) and dist.get_world_size() > 1:
             # raised on every rank together; only the coordinator (rank 0) holds the other ranks' errors
             seen = [False] * dist.get_world_size()
