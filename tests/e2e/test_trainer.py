@@ -4,7 +4,9 @@
   and equals the trained policy's export;
 - the real SGLang engine (the default) runs 2 steps at sampling temperature 0.7 (trainer log-probs at T);
 - SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
-  uninterrupted run, in metrics.jsonl and in TensorBoard (each step once);
+  uninterrupted run, in metrics.jsonl and in TensorBoard (each step once); so does a kill before, inside
+  the first save or inside the final export (tests/e2e/_killed_train.py); a truncated newest checkpoint is
+  set aside and the previous one resumes; disk full (a real tmpfs) is one error line and exit 2;
 - a malformed dataset row is one error line naming file and row; a reward that raises or hangs is a
   0 reward and a counted error/timeout, never a dead run.
 Run: `python -m pytest tests/e2e/test_trainer.py -q` (~5 min on 2 cores).
