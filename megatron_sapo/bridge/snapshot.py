@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from megatron_sapo.bridge.safetensors_io import save_safetensors_sharded
+from megatron_sapo.utils.disk import DiskFullError, disk_full_message, is_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,32 @@ def write_hf_snapshot(
     """A complete HF directory at `target`: safetensors shards (+ index) and the assets of `assets_from`.
 
     Written into `<target>.tmp` and renamed over `target` only when complete, so a reader (an SGLang
-    server reloading from disk, a user after a crash) never sees a half-written snapshot.
+    server reloading from disk, a user after a crash) never sees a half-written snapshot. Disk full:
+    `DiskFullError` naming `target` and the bytes of weights it had been given, the `.tmp` removed and
+    an existing `target` untouched.
     """
     target = Path(target)
     staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_safetensors_sharded(named_tensors, staging)
-    if assets_from is not None:
-        copy_assets(assets_from, staging)
+    given = [0]
+
+    def counted() -> Iterable[tuple[str, torch.Tensor]]:
+        for name, tensor in named_tensors:
+            given[0] += tensor.numel() * tensor.element_size()
+            yield name, tensor
+
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        save_safetensors_sharded(counted(), staging)
+        if assets_from is not None:
+            copy_assets(assets_from, staging)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_full(e):
+            raise DiskFullError(
+                f"{disk_full_message(target)}: {given[0] / 2**20:.1f} MB of weights had been staged"
+            ) from None
+        raise
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target

@@ -11,10 +11,18 @@ Layout of `root` (megatron's naming, so Megatron-LM / slime users recognise it):
     latest_checkpointed_iteration.txt   "7": the newest *complete* checkpoint (written last, atomically)
     iter_0000007/                       torch_dist: metadata.json, common.pt, .metadata, __<rank>_0.distcp
     iter_0000008.tmp/                   a save in progress or killed mid-way: never loaded, removed later
+    iter_0000009.corrupt/               did not load (truncated, damaged): kept aside, never listed or pruned
 
 Atomicity: every rank writes into `iter_XXXXXXX.tmp`; after a barrier rank 0 renames it to its final name
 and then replaces the tracker file (temp file + fsync + os.replace). A crash at any point leaves the
-tracker on the previous complete checkpoint.
+tracker on the previous complete checkpoint. Disk full (ENOSPC) while saving: the `.tmp` is removed, the
+previous checkpoint and tracker stay, and every rank raises `CheckpointError` naming the path and the bytes
+needed (a save is refused up front when the free space is below the size of the newest checkpoint).
+
+Resume (`load_latest_checkpoint`): the newest checkpoint that loads wins. One that does not (a file
+shorter than its `.metadata` says, an unreadable archive) is logged with the failing file, renamed to
+`iter_XXXXXXX.corrupt` (`.corrupt1`, ... if taken) and the previous one is tried. Nothing is renamed when
+none loads (then the cause is rather the config or the code): `CheckpointError` names the directory.
 
 Resharding: model weights are ShardedTensors keyed by global parameter names, so a checkpoint saved at one
 TP / PP / virtual-PP / EP / DP layout loads at any other. The optimizer uses the "fully_reshardable"
@@ -32,6 +40,7 @@ Tests: ``python -m pytest tests/distributed/test_checkpoint.py -q``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -47,6 +56,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_sapo.megatron.dist_ckpt_writer import InProcessTorchDistSave
 from megatron_sapo.megatron.optimizer_ckpt import (
@@ -57,13 +67,16 @@ from megatron_sapo.megatron.optimizer_ckpt import (
     refit_chain,
     without_empty_param_state,
 )
-from megatron_sapo.megatron.parallel import on_gpu
+from megatron_sapo.megatron.parallel import LayoutError, on_gpu
+from megatron_sapo.utils.disk import disk_full_message, is_disk_full
 
 __all__ = [
     "TRACKER_FILE",
+    "CheckpointError",
     "checkpoint_path",
     "list_checkpoints",
     "load_checkpoint",
+    "load_latest_checkpoint",
     "save_checkpoint",
 ]
 
@@ -72,6 +85,13 @@ logger = logging.getLogger(__name__)
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 _ITER = re.compile(r"^iter_(\d{7,})$")
+_NEARLY_FULL = 1 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+class CheckpointError(LayoutError):
+    """A checkpoint that cannot be written (disk full) or none that loads: one line naming the path.
+
+    A `LayoutError`, so `megatron-sapo train` prints it as one error line and exits 2."""
 
 
 def checkpoint_path(root: str | os.PathLike, step: int) -> Path:
@@ -231,13 +251,20 @@ def save_checkpoint(
     final = checkpoint_path(root, step)
     tmp = final.with_name(final.name + ".tmp")
     rank = dist.get_rank()
-    if rank == 0:
+    newest = list_checkpoints(root)
+    # a checkpoint is about as big as the previous one (same model, same layout)
+    needed = _dir_bytes(checkpoint_path(root, newest[-1])) if newest else None
+
+    def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for leftover in root.glob("iter_*.tmp"):  # interrupted saves: never loadable, safe to drop
             logger.warning("removing incomplete checkpoint %s", leftover)
             shutil.rmtree(leftover)
+        if needed and shutil.disk_usage(root).free < needed:
+            raise OSError(errno.ENOSPC, "not enough free space for a checkpoint")
         tmp.mkdir()
-    dist.barrier()
+
+    _on_rank0_for_all(prepare, final, tmp, needed)
 
     state = _state_dict(model_chunks, optimizer, is_loading=False, rng=_rng_sharded_object(_rng_state()))
     state.update(
@@ -249,21 +276,79 @@ def save_checkpoint(
         optimizer_chain=len(chain(optimizer)) if optimizer is not None else 0,
         format_version=FORMAT_VERSION,
     )
-    dist_checkpointing.save(
-        state,
-        str(tmp),
-        sharded_strategy=sharded_strategy or InProcessTorchDistSave(),
-        preprocess_common_before_consistancy_check=without_empty_param_state,
-    )
-    dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
-    if rank == 0:
+    try:
+        # The .distcp writes fail together (megatron gathers and broadcasts write failures); a failure in
+        # a rank-0-only write (common.pt, metadata) raises on rank 0 alone, and its exit (gloo: a closed
+        # connection; torchrun / srun --kill-on-bad-exit: the launcher) ends the ranks waiting for it.
+        dist_checkpointing.save(
+            state,
+            str(tmp),
+            sharded_strategy=sharded_strategy or InProcessTorchDistSave(),
+            preprocess_common_before_consistancy_check=without_empty_param_state,
+        )
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        # torch.save's zip writer reports ENOSPC without its errno ("unexpected pos N vs M"): a failed
+        # write with (next to) no space left on the device counts as disk full too
+        disk_full = is_disk_full(e) or shutil.disk_usage(root).free < _NEARLY_FULL
+        if isinstance(e, CheckpointException) and dist.get_world_size() > 1:
+            # raised on every rank together; only the coordinator (rank 0) holds the other ranks' errors
+            seen = [False] * dist.get_world_size()
+            dist.all_gather_object(seen, disk_full)
+            disk_full = any(seen)
+        if not disk_full:
+            raise
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_disk_full(final, needed)) from None
+
+    def publish() -> None:
         _publish(root, tmp, final)
         _write_tracker(root, step)
         if keep_last is not None:
             _prune(root, keep_last, step)
-    dist.barrier()
+
+    # replaces a barrier: every rank's files are on disk before the checkpoint becomes visible
+    _on_rank0_for_all(publish, final, tmp, needed)
     logger.info("saved checkpoint %s", final)
     return final
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def _disk_full(final: Path, needed: int | None) -> str:
+    return (
+        f"checkpoint not saved: {disk_full_message(final, needed=needed)}; the previous checkpoint and "
+        f"{TRACKER_FILE} are unchanged. Free space (or move run.output_dir) and rerun to resume"
+    )
+
+
+def _on_rank0_for_all(fn: Any, final: Path, tmp: Path, needed: int | None) -> None:
+    """Run `fn` on rank 0; if it fails, every rank raises (a collective: no rank left in a barrier).
+
+    ENOSPC becomes one `CheckpointError` line, after removing the partial `.tmp`."""
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except (Exception, CheckpointException) as e:
+            error = e
+            if is_disk_full(e):
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = CheckpointError(_disk_full(final, needed))
+    failure = [None if error is None else (isinstance(error, CheckpointError), str(error))]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        disk_full, message = failure[0]
+        raise (
+            CheckpointError(message)
+            if disk_full
+            else RuntimeError(f"saving {final} failed on rank 0: {message}")
+        )
 
 
 def _resolve(root: Path, step: int | None) -> Path:
@@ -331,3 +416,97 @@ def load_checkpoint(
         _set_rng_state(loaded["rng_state"])
     logger.info("loaded checkpoint %s", path)
     return common["step"], common["extra"]
+
+
+def _damaged_files(path: Path) -> list[str]:
+    """Files of checkpoint `path` that are missing or shorter than its `.metadata` records."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    missing = [n for n in ("metadata.json", "common.pt", ".metadata") if not (path / n).is_file()]
+    if missing:
+        return missing
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception:
+        return [".metadata"]
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    return sorted(
+        f"{name} ({(path / name).stat().st_size if (path / name).is_file() else 0} of {end} bytes)"
+        for name, end in ends.items()
+        if not (path / name).is_file() or (path / name).stat().st_size < end
+    )
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a checkpoint that does not load to `<name>.corrupt` (`.corrupt1`, ... when taken)."""
+    for i in range(1000):
+        aside = path.with_name(f"{path.name}.corrupt{i or ''}")
+        if not aside.exists():
+            os.rename(path, aside)
+            return aside
+    raise FileExistsError(f"{path}: too many .corrupt copies beside it")
+
+
+def load_latest_checkpoint(
+    root: str | os.PathLike,
+    *,
+    model_chunks: Sequence[torch.nn.Module],
+    optimizer: Any = None,
+    scheduler: Any = None,
+) -> tuple[int, dict[str, Any], Path] | None:
+    """Load the newest checkpoint under `root` that loads; `(step, extra, path)`, or None when there is none.
+
+    Call on every rank (see `load_checkpoint`). A checkpoint that fails to load on any rank is logged
+    with its failing file (rank 0) and tried no further; once an older one has loaded, each failed one
+    is renamed aside (`iter_XXXXXXX.corrupt`) and the tracker points at the loaded step. When none
+    loads, nothing is renamed and `CheckpointError` names `root` and the newest one's error.
+    """
+    root = Path(root)
+    failed: list[tuple[Path, str]] = []
+    for step in reversed(list_checkpoints(root)):
+        path = checkpoint_path(root, step)
+        damaged = _damaged_files(path)
+        error = f"damaged: {', '.join(damaged)}" if damaged else None
+        if error is None:
+            try:
+                loaded_step, extra = load_checkpoint(
+                    root, model_chunks=model_chunks, optimizer=optimizer, scheduler=scheduler, step=step
+                )
+            except (Exception, CheckpointException) as e:  # DCP: a BaseException
+                error = f"{type(e).__name__}: {_first_line(e)}"
+        # every rank must agree: a checkpoint counts as loaded only where it loaded on all of them
+        errors = [error]
+        if dist.get_world_size() > 1:
+            errors = [None] * dist.get_world_size()
+            dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+        if error is None:
+            if dist.get_rank() == 0 and failed:
+                for bad, why in failed:
+                    aside = _set_aside(bad).name
+                    logger.warning("checkpoint %s does not load (%s): kept aside as %s", bad, why, aside)
+                _write_tracker(root, loaded_step)
+            if dist.get_world_size() > 1:
+                dist.barrier()
+            return loaded_step, extra, path
+        failed.append((path, error))
+    if failed:
+        raise CheckpointError(
+            f"no checkpoint in {root} loads (newest {failed[0][0].name}: {failed[0][1]}); move the "
+            f"directory away to start the run afresh"
+        )
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of the innermost error (DCP wraps each rank's error in its own)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    failures = getattr(e, "failures", None)
+    if failures:
+        inner = next(iter(failures.values()))
+        e = inner[0] if isinstance(inner, tuple) else inner
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

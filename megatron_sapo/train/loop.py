@@ -39,7 +39,7 @@ from megatron_sapo.cluster.engine_nodes import node_engines, serve_engine_node, 
 from megatron_sapo.cluster.launch import Launch
 from megatron_sapo.losses import group_advantages
 from megatron_sapo.megatron.batching import Sample
-from megatron_sapo.megatron.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from megatron_sapo.megatron.checkpoint import load_latest_checkpoint, save_checkpoint
 from megatron_sapo.megatron.engine import PolicyEngine
 from megatron_sapo.megatron.models import build_gpt_model
 from megatron_sapo.rewards import RewardRunner
@@ -88,11 +88,13 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
     )
     ckpt_root = out / "checkpoints"
     start = 0
-    if list_checkpoints(ckpt_root):
-        start, _ = load_checkpoint(
-            ckpt_root, model_chunks=policy.model, optimizer=policy.optimizer, scheduler=policy.scheduler
-        )
-        log.info("resumed from %s at step %d", ckpt_root, start)
+    resumed = load_latest_checkpoint(
+        ckpt_root, model_chunks=policy.model, optimizer=policy.optimizer, scheduler=policy.scheduler
+    )
+    if resumed is not None:
+        start, _, path = resumed
+        if driver:  # WARNING: shown even when the progress bar hides INFO lines
+            log.warning("resuming from checkpoint %s at step %d of %d", path, start, cfg.run.steps)
     else:
         from megatron_sapo.bridge.load import load_hf_weights
 

@@ -26,8 +26,10 @@ class MetricsWriter:
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
         rows = [json.loads(x) for x in self.path.read_text().splitlines()] if self.path.exists() else []
-        # a resumed run rewrites the steps after its checkpoint (they were lost with the crash)
-        self.rows = [r for r in rows if r["step"] <= resume_step]
+        # A resumed run rewrites the steps after its checkpoint (they were lost with the crash); a run
+        # that starts from step 0 (nothing saved yet: none was, or it was killed before or during its
+        # first save) rewrites every row, the step-0 eval included.
+        self.rows = [r for r in rows if r["step"] <= resume_step] if resume_step else []
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.tb = None
         if cfg.run.tensorboard:
@@ -38,9 +40,10 @@ class MetricsWriter:
                     "run.tensorboard needs the tensorboard package (pip install tensorboard)"
                 ) from e
 
-            # purge_step: a resumed run hides the events of the steps it redoes (lost with the crash)
+            # purge_step: TensorBoard hides the earlier events at and after it, which this run redoes
+            # (those of a run killed before its first checkpoint too: purge from step 0)
             self.tb = SummaryWriter(
-                str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                str(out / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0
             )
         self.wandb = None
         if cfg.run.wandb_project:
@@ -105,14 +108,25 @@ class MetricsWriter:
 
 
 def export_final_hf(cfg: TrainJobConfig, policy: Any, hf_config: Any, hf_dir: Path, out: Path) -> None:
-    """All ranks (collective export; rank 0 writes): the final policy as a HF checkpoint in <out>/hf."""
+    """All ranks (collective export; rank 0 writes): the final policy as a HF checkpoint in <out>/hf.
+
+    Disk full: `CheckpointError` on every rank (one line naming the path), no partial hf/ or hf.tmp/."""
     from megatron_sapo.bridge import export_hf_weights
     from megatron_sapo.bridge.snapshot import write_hf_snapshot
+    from megatron_sapo.megatron.checkpoint import CheckpointError
+    from megatron_sapo.utils.disk import DiskFullError
 
     buckets = export_hf_weights(policy.model, hf_config)
-    if dist.get_rank() != 0:
-        for _ in buckets:
-            pass
-        return
-    target = write_hf_snapshot(chain.from_iterable(buckets), out / "hf", assets_from=hf_dir)
-    log.info("final Hugging Face checkpoint: %s", target)
+    failure: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            target = write_hf_snapshot(chain.from_iterable(buckets), out / "hf", assets_from=hf_dir)
+            log.info("final Hugging Face checkpoint: %s", target)
+        except DiskFullError as e:
+            failure = [f"final Hugging Face checkpoint not written: {e}"]
+    for _ in buckets:  # the export is collective: the other ranks (and a rank 0 that failed) finish it
+        pass
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise CheckpointError(failure[0])

@@ -4,7 +4,9 @@
   and equals the trained policy's export;
 - the real SGLang engine (the default) runs 2 steps at sampling temperature 0.7 (trainer log-probs at T);
 - SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
-  uninterrupted run, in metrics.jsonl and in TensorBoard (each step once);
+  uninterrupted run, in metrics.jsonl and in TensorBoard (each step once); so does a kill before, inside
+  the first save or inside the final export (tests/e2e/_killed_train.py); a truncated newest checkpoint is
+  set aside and the previous one resumes; disk full (a real tmpfs) is one error line and exit 2;
 - a malformed dataset row is one error line naming file and row; a reward that raises or hangs is a
   0 reward and a counted error/timeout, never a dead run.
 Run: `python -m pytest tests/e2e/test_trainer.py -q` (~5 min on 2 cores).
@@ -188,3 +190,91 @@ def test_reward_that_raises_or_hangs_does_not_kill_the_run(tmp_path) -> None:
     r = rows(tmp_path / "out")
     assert r[-1]["step"] == 1 and r[-1]["reward/mean"] == 0.0
     assert r[-1]["reward/errors"] + r[-1]["reward/timeouts"] == 16
+
+
+KILL_ARGS = ["rollout.engine=transformers", "run.steps=2", "run.save_every=1", "run.eval_every=1"]
+
+
+@pytest.mark.parametrize("point", ["first_save", "mid_save", "mid_export"])
+def test_rerun_after_a_kill_logs_every_step_once(tmp_path, point) -> None:
+    """Killed as the first save begins, inside it, or inside the final export: the rerun's metrics.jsonl and
+    TensorBoard hold steps 0, 1, 2 once each (kill points patched in tests/e2e/_killed_train.py)."""
+    helper = [sys.executable, str(Path(__file__).with_name("_killed_train.py")), point, *CLI[-1:]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run(
+        [*helper, f"run.output_dir={tmp_path}", *TINY, *KILL_ARGS], capture_output=True, env=env, timeout=900
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert {"first_save": [0, 1], "mid_save": [0, 1], "mid_export": [0, 1, 2]}[point] == [
+        x["step"] for x in rows(tmp_path)
+    ]
+    assert (tmp_path / "checkpoints" / "iter_0000001.tmp").is_dir() == (point == "mid_save")
+    proc = train(tmp_path, *KILL_ARGS)
+    assert [x["step"] for x in rows(tmp_path)] == [0, 1, 2]
+    for tag in ("eval/accuracy", "reward/mean"):  # each step once (tb_scalars asserts it), as in the jsonl
+        want = {x["step"]: x[tag] for x in rows(tmp_path) if tag in x}
+        assert tb_scalars(tmp_path, tag) == pytest.approx(want, rel=1e-6), tag
+    assert ("resuming from checkpoint" in proc.stderr) == (point == "mid_export")
+    assert not (tmp_path / "hf.tmp").exists() and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_previous(tmp_path) -> None:
+    train(tmp_path, *KILL_ARGS)
+    newest = tmp_path / "checkpoints" / "iter_0000002"
+    os.truncate(newest / "__0_0.distcp", 1_000_000)
+    proc = train(tmp_path, *KILL_ARGS[:-3], "run.steps=3", "run.save_every=1", "run.eval_every=1")
+    lines = proc.stderr.splitlines()
+    [bad] = [x for x in lines if "does not load" in x]
+    assert f"checkpoint {newest} does not load (damaged: __0_0.distcp (1000000 of" in bad
+    assert bad.endswith("kept aside as iter_0000002.corrupt")
+    assert f"resuming from checkpoint {tmp_path / 'checkpoints' / 'iter_0000001'} at step 1 of 3" in lines
+    assert (tmp_path / "checkpoints" / "iter_0000002.corrupt" / "__0_0.distcp").stat().st_size == 1_000_000
+    assert [x["step"] for x in rows(tmp_path)] == [0, 1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "iter_0000002",
+        "iter_0000002.corrupt",
+        "iter_0000003",
+        "latest_checkpointed_iteration.txt",
+    ]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A directory on a fresh tmpfs of the size asked for (as root: CI runs the tests as root)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        )
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+# 2m: hf_init (~0.7 MB) fits, the first checkpoint (~2.9 MB) fails in its writes; 5m: the second save is
+# refused before writing (less free than the first checkpoint's size), the first stays.
+@pytest.mark.parametrize("size", ["2m", "5m"])
+def test_disk_full_is_one_line_and_exit_2(tmpfs, size) -> None:
+    out = tmpfs(size) / "run"
+    proc = train(out, *KILL_ARGS, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # one error line (the progress bar may share it: it redraws with a carriage return, no newline)
+    [last] = [x[x.index("megatron-sapo") :] for x in proc.stderr.splitlines() if "megatron-sapo train:" in x]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    ckpt = out / "checkpoints"
+    step = 1 if size == "2m" else 2
+    assert last.startswith("megatron-sapo train: error: checkpoint not saved: no space left on the device")
+    assert f"writing {ckpt / f'iter_{step:07d}'} (" in last and "MB free)" in last
+    assert ("needs ~" in last) == (step == 2)  # the size of the previous checkpoint, when there is one
+    assert not list(ckpt.glob("*.tmp"))
+    if step == 2:
+        assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+        assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
