@@ -74,8 +74,13 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     # under torchrun / srun every process parses it; one writes it
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        from megatron_sapo.train.run_lock import RunDirInUse, claim
+
         try:
+            claim(cfg.run.output_dir)  # before writing: a run holding it keeps its config.yaml
             save_config(cfg, Path(cfg.run.output_dir) / "config.yaml")
+        except RunDirInUse:
+            pass  # remembered: the trainer refuses on every rank at once (megatron_sapo/train/run_lock.py)
         except OSError as e:
             print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
             return 2

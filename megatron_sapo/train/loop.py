@@ -45,7 +45,7 @@ from megatron_sapo.megatron.models import build_gpt_model
 from megatron_sapo.rewards import RewardRunner
 from megatron_sapo.rollout import RolloutEngine, RolloutError, SamplingParams, WeightSync
 from megatron_sapo.rollout.client import EngineRestarted
-from megatron_sapo.train import engines, outputs, setup
+from megatron_sapo.train import engines, outputs, run_lock, setup
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData, load_data
 from megatron_sapo.train.guard import check_weight_sync
@@ -60,9 +60,11 @@ def run(cfg: TrainJobConfig) -> int:
     launch = setup.init_distributed(cfg)
     out = Path(cfg.run.output_dir)
     if launch.role == "engine":  # disaggregated: this node serves SGLang until the trainers stop it
+        run_lock.release(out)  # the CLI's rank 0 may sit here: the lock belongs to trainer rank 0
+        run_lock.wait_for_own_run(out, timeout=cfg.rollout.server.startup_timeout)
         model_dir = setup.model_dir(cfg)
         return serve_engine_node(launch, cfg.cluster, cfg.rollout, output_dir=out, model_dir=model_dir)
-    with stop_engines_at_exit(out, launch):
+    with run_lock.hold(out, launch.rank), stop_engines_at_exit(out, launch):  # a refused run stops no engine
         return _train(cfg, launch)
 
 
