@@ -3,6 +3,7 @@
 megatron-sapo --help
 megatron-sapo env          # versions of the stack and which compute path (CPU compat / CUDA) applies
 megatron-sapo train CONFIG.yaml [dotted.key=value ...]   # an RL run; `train --help` lists every key
+megatron-sapo train --debug CONFIG.yaml ...               # an error shows its traceback above its one line
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import logging
 import os
 import platform
 import sys
+import traceback
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 STACK = ("torch", "megatron-core", "transformers", "sglang", "transformer-engine")
 
@@ -36,17 +39,22 @@ def _env(_: argparse.Namespace) -> int:
     return 0
 
 
-def _job_config_class() -> type:
-    """The run config's root class. Importing it loads megatron-core, which warns that TE/Apex are missing
-    (expected on CPU), and torch logs a missing CUDA runtime: keep stderr for the one-line config error."""
+def _import_quietly(module: str) -> ModuleType:
+    """Import a module that loads megatron-core, which warns that TE/Apex are missing (expected on CPU),
+    while torch logs a missing CUDA runtime: keep stderr for the one-line error."""
     torch_log = logging.getLogger("torch.utils.cpp_extension")
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from megatron_sapo.train.config import TrainJobConfig
+        loaded = importlib.import_module(module)
     torch_log.setLevel(level)
-    return TrainJobConfig
+    return loaded
+
+
+def _job_config_class() -> type:
+    """The run config's root class (imports megatron-core: see `_import_quietly`)."""
+    return _import_quietly("megatron_sapo.train.config").TrainJobConfig
 
 
 class _TrainHelp(argparse.Action):
@@ -63,15 +71,62 @@ class _TrainHelp(argparse.Action):
         parser.exit()
 
 
+DEBUG_ENV = "MEGATRON_SAPO_DEBUG"
+"""Set to 1 (or pass `train --debug`) to see the traceback above a failure's one line."""
+
+FAILURES: tuple[tuple[str, str, int, str], ...] = (
+    # (module, class, exit code, label), most specific first. A user-caused failure exits 2: fix the command
+    # line, config or files and rerun; nothing was written. A run that broke while running exits 1.
+    # a config key/type/value, model.path, reward.name, run.output_dir
+    ("megatron_sapo.utils.typed_config", "ConfigError", 2, "error"),
+    # processes / nodes / GPUs / model / dtype that do not fit: names the setting
+    ("megatron_sapo.megatron.parallel", "LayoutError", 2, "error"),
+    # no space left writing a weight snapshot (checkpoints and the final export raise CheckpointError, a
+    # LayoutError): names the path and the bytes
+    ("megatron_sapo.utils.disk", "DiskFullError", 2, "error"),
+    # a malformed dataset row: names the file and row
+    ("megatron_sapo.data.datasets", "DataError", 2, "error"),
+    # NaN / inf next-token probabilities (e.g. an absurd optim.lr): the run's inputs were valid, training
+    # blew up; no checkpoint is written after it
+    ("megatron_sapo.rollout.types", "PolicyDiverged", 1, "error"),
+    # the engine failed or a weight sync did not take
+    ("megatron_sapo.rollout.types", "RolloutError", 1, "rollout error"),
+)
+"""What `megatron-sapo train` prints as one line (`megatron-sapo train: <label>: <message>`) and exits with.
+Looked up in sys.modules: an exception of a class whose module was never imported cannot have been raised,
+so a config error is reported before the heavy imports. Anything else is a bug: a traceback, exit 1."""
+
+
+def _failure(exc: Exception) -> tuple[int, str] | None:
+    for module, name, code, label in FAILURES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return code, label
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
+    try:
+        return _run_train(args)
+    except Exception as exc:
+        failure = _failure(exc)
+        if failure is None:
+            raise
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        code, label = failure
+        print(f"megatron-sapo train: {label}: {exc}", file=sys.stderr)
+        return code
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from megatron_sapo.utils.typed_config import ConfigError, from_dict, read_config_data, save_config
 
-    try:
-        data = read_config_data(args.config, args.overrides)  # fails fast, before the heavy imports
-        cfg = from_dict(_job_config_class(), data)
-    except ConfigError as e:
-        print(f"megatron-sapo train: error: {e}", file=sys.stderr)
-        return 2
+    data = read_config_data(args.config, args.overrides)  # fails fast, before the heavy imports
+    cfg = from_dict(_job_config_class(), data)
+    validate = _import_quietly("megatron_sapo.train.validate")
+    # model.path and reward.name: nothing is written before they are known to be usable
+    validate.check_inputs(cfg)
     # under torchrun / srun every process parses it; one writes it
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         from megatron_sapo.train.run_lock import RunDirInUse, claim
@@ -82,26 +137,11 @@ def _train(args: argparse.Namespace) -> int:
         except RunDirInUse:
             pass  # remembered: the trainer refuses on every rank at once (megatron_sapo/train/run_lock.py)
         except OSError as e:
-            print(f"megatron-sapo train: error: run.output_dir: {e}", file=sys.stderr)
-            return 2
-    from megatron_sapo.data import DataError
-    from megatron_sapo.megatron.parallel import LayoutError
-    from megatron_sapo.rollout import RolloutError
-
+            raise ConfigError(str(e), key="run.output_dir") from e
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("megatron_sapo").setLevel(logging.INFO if not cfg.run.progress else logging.WARNING)
     trainer = importlib.import_module("megatron_sapo.train.loop")  # via sys.modules: tests may stub it
-    try:
-        return trainer.run(cfg) or 0
-    except LayoutError as e:  # processes / nodes / GPUs / model / dtype that do not fit: names the setting
-        print(f"megatron-sapo train: error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:  # a bad dataset row: the message names the file and row
-        print(f"megatron-sapo train: error: {e}", file=sys.stderr)
-        return 2
-    except RolloutError as e:  # the engine failed or a weight sync did not take: the message says why
-        print(f"megatron-sapo train: rollout error: {e}", file=sys.stderr)
-        return 1
+    return trainer.run(cfg) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,8 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="run SAPO RL post-training from a YAML config (+ dotted.key=value overrides)",
-        description="Load CONFIG.yaml, apply the overrides, validate, save the resolved config as\n"
-        "<run.output_dir>/config.yaml, and train. A bad key, type or value is one error line (exit 2).",
+        description="Load CONFIG.yaml, apply the overrides, validate (keys, types, values; model.path is a\n"
+        "Hugging Face directory of a supported model_type; reward.name imports a function), save the\n"
+        "resolved config as <run.output_dir>/config.yaml, and train. What the user can fix is one error\n"
+        "line naming the key or file, exit 2: a bad key/type/value, model.path or reward.name (all before\n"
+        "anything is written), a layout that does not fit, a malformed dataset row. A policy that diverges\n"
+        "(NaN/inf probabilities) stops with 'policy diverged at step N: ...', exit 1, before that step's\n"
+        "row and checkpoint. --debug (or MEGATRON_SAPO_DEBUG=1) adds the traceback.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )
@@ -127,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=0,
         default=argparse.SUPPRESS,
         help="show this help and every key",
+    )
+    train.add_argument(
+        "--debug", action="store_true", help=f"show the traceback of an error too (or set {DEBUG_ENV}=1)"
     )
     train.add_argument("config", metavar="CONFIG.yaml", help="run config (e.g. configs/quickstart.yaml)")
     train.add_argument(
@@ -140,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    # `train CONFIG.yaml a=1 --debug b=2`: argparse ends the overrides at the option and leaves b=2 over
+    if rest and args.command == "train" and not any(r.startswith("-") for r in rest):
+        args.overrides += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

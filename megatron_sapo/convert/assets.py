@@ -42,7 +42,9 @@ def load_hf_config(hf_dir: str | os.PathLike) -> Any:
 
     path = Path(hf_dir)
     if not path.is_dir():
-        raise ConversionError(f"directory {path} does not exist")
+        raise ConversionError(
+            f"{path} is not a directory" if path.exists() else f"directory {path} does not exist"
+        )
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"no config.json in {path} (not a Hugging Face model directory)")
@@ -94,7 +96,9 @@ def read_metadata(megatron_dir: str | os.PathLike) -> dict[str, Any]:
     """The converter metadata of `megatron_dir`; ConversionError when it is not a converter output."""
     path = Path(megatron_dir)
     if not path.is_dir():
-        raise ConversionError(f"directory {path} does not exist")
+        raise ConversionError(
+            f"{path} is not a directory" if path.exists() else f"directory {path} does not exist"
+        )
     meta_file = path / METADATA_FILE
     if not meta_file.is_file():
         raise ConversionError(

@@ -15,6 +15,8 @@ padding, a KV cache, fp32 log-probs. What it reports follows SGLang 0.5.23 so th
 - A text prompt is encoded with the tokenizer's defaults (no chat template), as SGLang does.
 - Each sample draws from its own generator, seeded from (request seed or one drawn from the engine seed,
   prompt index, sample index): samples do not depend on batching, and the n samples of a prompt differ.
+- Next-token log-probs with a NaN (NaN / +inf logits: a diverged policy) raise `PolicyDiverged` naming
+  the prompt, sample and token, instead of whatever torch.multinomial would make of them.
 
 Weights are updated in place under Hugging Face checkpoint names (per-expert names for MoE), mapped onto
 transformers 5's fused in-memory parameters through transformers' own save-time conversion
@@ -41,7 +43,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from megatron_sapo.bridge.safetensors_io import SafetensorsReader
-from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams
+from megatron_sapo.rollout.types import Generation, PolicyDiverged, Prompt, RolloutError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +207,10 @@ class TransformersEngine:
                 ).logits[:, -1]
                 if routers:
                     self._collect_routing(captured, routing, mask, step == 0, length)
-                tokens, logprobs = _sample(logits.float(), sampling, [s.generator for s in chunk])
+                logits = logits.float()
+                logp = _logprobs(logits, sampling)
+                self._check_finite(logp, chunk)
+                tokens, logprobs = _sample(logits, logp, sampling, [s.generator for s in chunk])
                 for row, s in enumerate(chunk):
                     if s.finish_reason is None:
                         s.token_ids.append(int(tokens[row]))
@@ -220,6 +225,18 @@ class TransformersEngine:
             for h in hooks:
                 h.remove()
         return routing if routers else [None] * len(chunk)
+
+    def _check_finite(self, logp: torch.Tensor, chunk: list[_Sample]) -> None:
+        """PolicyDiverged when a row of next-token log-probs [B, V] is NaN somewhere: a NaN or +inf logit,
+        or none finite. There is no distribution to draw from (torch.multinomial would fail on it)."""
+        bad = logp.isnan().any(dim=-1)
+        if bad.any():
+            s = chunk[int(bad.nonzero()[0])]
+            raise PolicyDiverged(
+                f"TransformersEngine: non-finite next-token probabilities (weight version {self._version}, "
+                f"prompt {s.prompt_index}, sample {s.sample_index}, response token {len(s.token_ids)}; "
+                f"{int(bad.sum())} of {len(chunk)} samples in the batch)"
+            )
 
     @staticmethod
     def _collect_routing(
@@ -418,15 +435,19 @@ def _mix(base: int, prompt_index: int, sample_index: int) -> int:
     ) % 2**63
 
 
+def _logprobs(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """log_softmax(logits / temperature) [B, V] of fp32 logits [B, V] (of the raw logits when greedy)."""
+    return torch.log_softmax(logits if sampling.temperature == 0 else logits / sampling.temperature, dim=-1)
+
+
 def _sample(
-    logits: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]
+    logits: torch.Tensor, logp: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [B] and their log-probs [B] from fp32 logits [B, V] (SGLang's sampler semantics)."""
+    """Next tokens [B] and their log-probs [B] from fp32 logits [B, V] and their `_logprobs` [B, V]
+    (SGLang's sampler semantics)."""
     if sampling.temperature == 0:
-        logp = torch.log_softmax(logits, dim=-1)
         tokens = logits.argmax(dim=-1)
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / sampling.temperature, dim=-1)
     probs = logp.exp()
     if sampling.top_k > 0 or sampling.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

@@ -21,6 +21,22 @@ class RolloutError(RuntimeError):
     """A rollout engine refused a request or failed; the message names the engine and the cause."""
 
 
+class PolicyDiverged(RolloutError):
+    """The policy's next-token distribution is not finite (NaN / inf logits or log-probs): training blew up.
+
+    Raised by an engine that samples from it and by the trainer when it scores a rollout; `step` is the
+    RL step (metrics.jsonl numbering) once the loop knows it. Stopping beats training on garbage: the
+    last checkpoint is the last good policy.
+    """
+
+    def __init__(self, detail: str, step: int | None = None) -> None:
+        super().__init__(detail, step)  # both in args: pickles (broadcast to the other ranks) as it is
+        self.detail, self.step = detail, step
+
+    def __str__(self) -> str:
+        return f"policy diverged{f' at step {self.step}' if self.step is not None else ''}: {self.detail}"
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling settings (names follow SGLang's `sampling_params`)."""

@@ -18,6 +18,8 @@ rollout / guard / eval raises `EngineRestarted` on every rank, all ranks re-sync
 scratch (`_with_resync`, at most MAX_ENGINE_RESTARTS times per call; counted as rollout/restarts). The run's
 parts live beside it in `megatron_sapo/train/`: setup.py (processes, model), data.py, engines.py (rollout
 engine, rewards, eval), outputs.py (metrics, plots, final export), config.py (the config sections).
+NaN / inf probabilities (engine or trainer side) stop the run with `PolicyDiverged` naming the step,
+before its metrics row and checkpoint (`_stop_if_diverged`).
 Tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py.
 """
 
@@ -26,7 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -45,6 +48,7 @@ from megatron_sapo.megatron.models import build_gpt_model
 from megatron_sapo.rewards import RewardRunner
 from megatron_sapo.rollout import RolloutEngine, RolloutError, SamplingParams, WeightSync
 from megatron_sapo.rollout.client import EngineRestarted
+from megatron_sapo.rollout.types import PolicyDiverged
 from megatron_sapo.train import engines, outputs, run_lock, setup
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData, load_data
@@ -119,11 +123,12 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
             if writer:
                 writer.write({"step": 0, **acc})
         for step in range(start, cfg.run.steps):
-            row = _rl_step(cfg, step, policy, engine, rewards, data, sync)
-            if (cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0) or step + 1 == cfg.run.steps:
-                acc, restarts = _with_resync(partial(_from_driver, evaluate), sync, str(step + 1), "eval")
-                row.update(acc)
-                row["rollout/restarts"] += restarts
+            with _stop_if_diverged(step + 1):  # before this step's row and checkpoint are written
+                row = _rl_step(cfg, step, policy, engine, rewards, data, sync)
+                if (cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0) or step + 1 == cfg.run.steps:
+                    acc, restarts = _with_resync(partial(_from_driver, evaluate), sync, str(step + 1), "eval")
+                    row.update(acc)
+                    row["rollout/restarts"] += restarts
             if writer:
                 writer.write(row)
             if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == cfg.run.steps:
@@ -192,12 +197,16 @@ def _rl_step(
     t_rollout = time.perf_counter() - t0
     samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _ in rows]
     old = policy.compute_logprobs(samples)
+    _check_finite(old)
     engine_diff = [(o - torch.tensor(e)).abs() for o, (*_, e) in zip(old, rows)]
     t1 = time.perf_counter()
     metrics = policy.train_step(samples, old)
     t_train = time.perf_counter() - t1
     if not math.isfinite(metrics["loss"]):
-        log.warning("step %d: non-finite loss %s (its optimizer steps were skipped)", step, metrics["loss"])
+        # step + 1: the metrics.jsonl row this step writes
+        log.warning(
+            "step %d: non-finite loss %s (its optimizer steps were skipped)", step + 1, metrics["loss"]
+        )
     t2 = time.perf_counter()
     if lend:
         engine.resume_memory()  # the sync below refills the weights
@@ -232,18 +241,42 @@ def _rl_step(
 
 def _from_driver(fn: Callable[[], Any]) -> Any:
     """Rank 0 runs `fn` (an engine call) and every rank gets its result; an `EngineRestarted` on rank 0 is
-    raised on every rank, so that all of them can re-sync together."""
+    raised on every rank, so that all of them can re-sync together, and a `PolicyDiverged`, so that all
+    of them stop."""
     payload: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             payload = [fn()]
-        except EngineRestarted as exc:
+        except (EngineRestarted, PolicyDiverged) as exc:
             payload = [exc]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], EngineRestarted):
+    if isinstance(payload[0], (EngineRestarted, PolicyDiverged)):
         raise payload[0]
     return payload[0]
+
+
+@contextmanager
+def _stop_if_diverged(step: int) -> Iterator[None]:
+    """A `PolicyDiverged` (engine or trainer side) raised inside names `step` (metrics.jsonl numbering)."""
+    try:
+        yield
+    except PolicyDiverged as exc:
+        raise PolicyDiverged(
+            f"{exc.detail}; stopped before this step's metrics row and checkpoint (lower optim.lr?)",
+            step,
+        ) from exc
+
+
+def _check_finite(logprobs: list[torch.Tensor]) -> None:
+    """Every rank: PolicyDiverged when the trainer's log-probs of a rollout sample [n_response_i] are not
+    finite (all ranks hold the same ones, so all stop)."""
+    bad = [i for i, lp in enumerate(logprobs) if not torch.isfinite(lp).all()]
+    if bad:
+        raise PolicyDiverged(
+            f"the trainer's log-probs of {len(bad)} of {len(logprobs)} rollout samples are not finite "
+            f"(first: sample {bad[0]})"
+        )
 
 
 def _with_resync(call: Callable[[], Any], sync: WeightSync, version: str, what: str) -> tuple[Any, int]:

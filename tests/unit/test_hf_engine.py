@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from megatron_sapo.rollout.hf_engine import TransformersEngine
-from megatron_sapo.rollout.types import RolloutError, SamplingParams
+from megatron_sapo.rollout.types import PolicyDiverged, RolloutError, SamplingParams
 from tests.hf_reference import (
     checkpoint_state_dict,
     llama_config,
@@ -218,6 +218,28 @@ def test_bad_updates_are_refused_before_any_write():
             engine.update_weights_from_tensors([(name, good[name]), (bad_name, bad)], version="4")
         assert engine.weight_version == "3"
         assert_same_state(engine.model, model)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+@pytest.mark.parametrize("poison", ["nan_norm", "inf_lm_head_row"])
+def test_non_finite_policy_raises_policy_diverged(poison, temperature):
+    """NaN / inf weights (what an absurd learning rate leaves): PolicyDiverged naming the sample and token,
+    not torch.multinomial's RuntimeError (sampling) or a garbage token (greedy)."""
+    engine = TransformersEngine(build("dense"), weight_version="7")
+    state = checkpoint_state_dict(engine.model)
+    if poison == "nan_norm":
+        update = {"model.norm.weight": torch.full_like(state["model.norm.weight"], float("nan"))}
+    else:  # one token's logit is +inf or -inf: either way no distribution is left
+        head = state["lm_head.weight"].clone()
+        head[3] = float("inf")
+        update = {"lm_head.weight": head}
+    engine.update_weights_from_tensors(update.items(), version="8")
+    with pytest.raises(PolicyDiverged) as exc:
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4, temperature=temperature, seed=0), n=2)
+    message = str(exc.value)
+    assert message.startswith("policy diverged: TransformersEngine: non-finite next-token probabilities")
+    assert "weight version 8, prompt 0, sample 0, response token 0;" in message
+    assert isinstance(exc.value, RolloutError) and exc.value.step is None
 
 
 def test_update_weights_from_disk(tmp_path):

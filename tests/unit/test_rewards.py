@@ -137,6 +137,20 @@ def test_python_path_reward(flaky):
             get_reward(name)
 
 
+def test_python_path_reward_whose_module_fails_at_import(tmp_path, monkeypatch):
+    """Whatever the user's module raises at import is one ValueError naming the reward, type and line."""
+    (tmp_path / "broken_at_import.py").write_text("import os\nraise RuntimeError('no table')\n")
+    (tmp_path / "needs_missing.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, problem in [
+        ("broken_at_import", f"RuntimeError: no table ({tmp_path}/broken_at_import.py:2)"),
+        ("needs_missing", f"ModuleNotFoundError: No module named 'no_such_dependency_xyz' ({tmp_path}/needs"),
+    ]:
+        with pytest.raises(ValueError) as exc:
+            get_reward(f"python:{name}:score")
+        assert str(exc.value).startswith(f"'python:{name}:score': cannot import module '{name}': {problem}")
+
+
 def test_runner_scores_in_order(runner):
     records = [rec(str(i % 5)) for i in range(40)]
     responses = [str(i % 3) for i in range(40)]
