@@ -49,6 +49,10 @@ def _import_quietly(module: str) -> ModuleType:
         warnings.simplefilter("ignore")
         loaded = importlib.import_module(module)
     torch_log.setLevel(level)
+    # catch_warnings restored the filter list, dropping the known-noise filters installed during the import
+    from megatron_sapo.megatron import quiet_known_warnings
+
+    quiet_known_warnings()
     return loaded
 
 

@@ -2,7 +2,8 @@
 
 - every loss name finishes 3 steps and writes the documented files; the final hf/ loads in transformers
   and equals the trained policy's export;
-- the real SGLang engine (the default) runs 2 steps at sampling temperature 0.7 (trainer log-probs at T);
+- the real SGLang engine (the default) runs 2 steps at sampling temperature 0.7 (trainer log-probs at T),
+  with nothing on stderr that looks like a failure (third-party warnings, tracebacks, errors);
 - SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
   uninterrupted run, in metrics.jsonl and in TensorBoard (each step once); so does a kill before, inside
   the first save or inside the final export (tests/e2e/_killed_train.py); a truncated newest checkpoint is
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,8 +113,11 @@ def test_three_steps_each_loss_writes_outputs(loss, tmp_path) -> None:
 
 def test_sglang_engine_two_steps_at_temperature(tmp_path) -> None:
     """The real SGLang engine, sampling at T = 0.7: the trainer's log-probs are of softmax(logits / 0.7),
-    as SGLang reports them (T = 1 with SGLang runs in tests/e2e/test_multirank.py and tests/slurm/)."""
-    train(tmp_path, "run.steps=2", "rollout.sampling.temperature=0.7")
+    as SGLang reports them (T = 1 with SGLang runs in tests/e2e/test_multirank.py and tests/slurm/).
+    The demo's path: nothing on stderr looks like a failure (warnings, tracebacks, errors) when none happened."""
+    proc = train(tmp_path, "run.steps=2", "rollout.sampling.temperature=0.7")
+    noise = [x for x in proc.stderr.splitlines() if re.search(r"Warning|Traceback|ERROR|[Ee]rror:", x)]
+    assert not noise, noise
     r = rows(tmp_path)
     assert [x["step"] for x in r] == [0, 1, 2]
     for x in r[1:]:
