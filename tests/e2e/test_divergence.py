@@ -7,37 +7,15 @@ Run: python -m pytest tests/e2e/test_divergence.py -q (~20 s on 2 cores)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "megatron_sapo.cli", "train", str(ROOT / "configs/quickstart.yaml")]
-TINY = [
-    "sft.steps=0",
-    "rollout.engine=transformers",
-    "rollout.prompts_per_step=4",
-    "rollout.samples_per_prompt=4",
-    "rollout.sampling.max_new_tokens=6",
-    "rollout.guard_prompts=1",
-    "data.synthetic.n_train=32",
-    "data.synthetic.n_eval=8",
-    "run.steps=3",
-    "run.save_every=1",
-    "run.progress=false",
-]
+from tests.e2e.test_trainer import train
+
+ARGS = ["sft.steps=0", "rollout.engine=transformers", "run.steps=3", "run.save_every=1", "run.progress=false"]
 
 
 def test_absurd_learning_rate_stops_with_policy_diverged(tmp_path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [*CLI, f"run.output_dir={out}", *TINY, "optim.lr=1e30"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=900,
-    )
+    proc = train(out, *ARGS, "optim.lr=1e30", check=False)
     err = proc.stderr
     assert proc.returncode == 1, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
