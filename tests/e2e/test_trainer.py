@@ -7,7 +7,8 @@
 - SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
   uninterrupted run, in metrics.jsonl and in TensorBoard (each step once); so does a kill before, inside
   the first save or inside the final export (tests/e2e/_killed_train.py); a truncated newest checkpoint is
-  set aside and the previous one resumes; disk full (a real tmpfs) is one error line and exit 2;
+  set aside and the previous one resumes; disk full (a real tmpfs) in a save or in the final export is one
+  error line and exit 2;
 - a malformed dataset row is one error line naming file and row; a reward that raises or hangs is a
   0 reward and a counted error/timeout, never a dead run.
 Run: `python -m pytest tests/e2e/test_trainer.py -q` (~5 min on 2 cores).
@@ -283,3 +284,22 @@ def test_disk_full_is_one_line_and_exit_2(tmpfs, size) -> None:
     if step == 2:
         assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
         assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def test_disk_full_in_the_final_export_is_one_line_and_exit_2(tmpfs) -> None:
+    """1 step: hf_init (~0.7 MB), the step's checkpoint (~2.9 MB) and the logs fit 4000 KB; the final hf/
+    (~0.7 MB) does not. One line naming hf/, exit 2; no partial hf/ or hf.tmp/; the checkpoint stays."""
+    out = tmpfs("4000k") / "run"
+    proc = train(out, *KILL_ARGS, "run.steps=1", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    [last] = [x[x.index("megatron-sapo") :] for x in proc.stderr.splitlines() if "megatron-sapo train:" in x]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith(
+        f"megatron-sapo train: error: final Hugging Face checkpoint not written: no space left on the device "
+        f"writing {out / 'hf'} ("
+    ), last
+    assert "MB free)" in last and "MB of weights had been staged" in last
+    assert not (out / "hf").exists() and not (out / "hf.tmp").exists()
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert [x["step"] for x in rows(out)] == [0, 1]
