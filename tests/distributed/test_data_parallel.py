@@ -11,7 +11,9 @@ every updated parameter (pipeline stages and expert shards renamed to their TP=P
 pre-hook on the embedding counts the real (non-pad) tokens each rank feeds its model: per rank it is its
 share's tokens, the DP ranks' counts add up to the DP1 count, and in every mini-batch no rank exceeds
 mean + longest sample (the token-balanced split's bound). The shares' global indices are disjoint across
-DP ranks, cover the step, and are equal within a model-parallel group.
+DP ranks, cover the step, and are equal within a model-parallel group. Errors stop every rank together:
+too few samples on rank 0 (scatter's ValueError) and non-finite π_old log-probs on rank 1's share only
+(`PolicyDiverged` on both ranks, naming the poisoned samples, before any update).
 
 Tolerance 1e-5 (fp32): the DP sum of partial gradients and the different micro-batch grouping change
 the summation order (~1e-7 relative); Adam (eps 1e-5 here, see test_engine_layouts) keeps that from
@@ -240,3 +242,51 @@ def test_scattered_step_matches_single_process(layout: str, reference: dict[bool
     worst = max(diffs, key=diffs.get)
     print(f"{layout}: max |param - DP1| = {diffs[worst]:.2e} ({worst})")
     assert diffs[worst] <= TOL, worst
+
+
+def _errors(rank: int, world_size: int) -> dict:
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
+    from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, randomize_weights
+    from megatron_sapo.rollout.types import PolicyDiverged
+    from megatron_sapo.train.loop import _update_policy
+
+    init_megatron_cpu()
+
+    def provide(pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        model = build_tiny_gpt(_config(False), vocab_size=VOCAB)
+        randomize_weights(model, WEIGHT_SEED)
+        return model
+
+    engine = PolicyEngine(provide, OptimConfig(lr=1e-2), LossConfig(mini_batches=MINI_BATCHES))
+    samples = _steps()[0]
+    out = {}
+    try:  # fewer samples than mini-batches on rank 0: every rank raises instead of waiting for a share
+        engine.scatter(samples[:1] if rank == 0 else None)
+    except ValueError as exc:
+        out["too_few"] = str(exc)
+    if rank == 1:  # a non-finite log-prob on rank 1's share only: rank 0 finds it, every rank stops
+        compute, scatter = engine.compute_logprobs, engine.scatter
+        engine.compute_logprobs = lambda s: [x.fill_(float("nan")) for x in compute(s)]
+        engine.scatter = lambda s: out.setdefault("share", scatter(s))
+    before = [p.detach().clone() for p in engine.model[0].parameters()]
+    try:
+        _update_policy(engine, samples if rank == 0 else None)
+    except PolicyDiverged as exc:
+        out["diverged"] = str(exc)
+    out["moved"] = max(
+        float((p.detach() - b).abs().max()) for p, b in zip(engine.model[0].parameters(), before)
+    )
+    return out
+
+
+def test_errors_stop_every_rank() -> None:
+    results = run_on_ranks(_errors, world_size=2)
+    poisoned = results[1]["share"].indices
+    assert 0 < len(poisoned) < 16
+    for r in results:
+        assert r["too_few"] == "cannot split 1 samples into 2 mini-batches"
+        assert r["diverged"] == (
+            f"policy diverged: the trainer's log-probs of {len(poisoned)} of 16 rollout samples are not "
+            f"finite (first: sample {min(poisoned)})"
+        )
+        assert r["moved"] == 0.0  # stopped before any update, on both ranks
