@@ -4,10 +4,11 @@
 
 Every trainer rank builds the megatron policy (`PolicyEngine`, any TP/PP/EP layout); global rank 0 also
 owns the rollout engine (SGLang servers or the in-process transformers engine) and the rewards, and
-sends each data-parallel rank only its token-balanced share of each step's samples (`PolicyEngine.scatter`;
-the ranks of one model-parallel group get the same share): every rank runs the pi_old pass and the
-updates on its share only, gradients are all-reduced, and rank 0 gathers the pi_old log-probs back for
-the engine-trainer mismatch metric (`_update_policy`; docs/multinode.md, "How samples flow"). Per step: n samples per prompt, rewards (a crash or
+sends each data-parallel rank only its token-balanced share of each step's samples
+(`PolicyEngine.scatter`; the ranks of one model-parallel group get the same share): every rank runs the
+pi_old pass and the updates on its share only, gradients are all-reduced, and rank 0 gathers the pi_old
+log-probs back for the engine-trainer mismatch metric (`_update_policy`; docs/multinode.md, "How
+samples flow at scale"). Per step: n samples per prompt, rewards (a crash or
 timeout is a 0 reward and a counted warning), group-normalised advantages, optional dynamic sampling
 (drop groups whose rewards are all equal, sample more prompts), trainer-side pi_old log-probs, the
 loss's mini-batch updates, weight sync to the engines + the log-prob mismatch guard, periodic greedy
