@@ -3,7 +3,8 @@
 A `Sample` is one sequence, prompt + response, with its advantage and (optionally) the behaviour
 policy's log-probs of the response tokens. The policy engine (`megatron_sapo.megatron.engine`) uses:
 
-    local = shard_for_data_parallel(samples, mini_batches=4, dp_rank=r, dp_size=dp)  # this DP rank's part
+    shares = data_parallel_shares(samples, mini_batches=4, dp_size=dp)  # [Share] by DP rank (scatter)
+    local = shard_for_data_parallel(samples, mini_batches=4, dp_rank=r, dp_size=dp)  # equal-count shards
     groups = pack_micro_batches([s.seq_len for s in mb], token_budget=4096)      # [[indices], ...]
     batch = collate([mb[i] for i in groups[0]], old_logprobs=[...])              # padded [B, T] tensors
 
@@ -21,7 +22,10 @@ import torch
 __all__ = [
     "MicroBatch",
     "Sample",
+    "Share",
+    "assign_data_parallel",
     "collate",
+    "data_parallel_shares",
     "pack_micro_batches",
     "shard_for_data_parallel",
     "split_mini_batches",
@@ -111,6 +115,66 @@ def shard_for_data_parallel(samples: list, *, mini_batches: int, dp_rank: int, d
     for mb in split_mini_batches(samples, mini_batches):
         local.extend(mb[dp_rank * per_rank : (dp_rank + 1) * per_rank])
     return local
+
+
+def assign_data_parallel(seq_lens: list[int], *, mini_batches: int, dp_size: int) -> list[list[list[int]]]:
+    """Token-balanced data-parallel split: `out[r][k]` = global indices (ascending) rank r takes of
+    global mini-batch k. A pure function of the lengths (every caller computes the same split).
+
+    Global mini-batch k is `split_mini_batches(range(n), mini_batches)[k]`, as at DP1, so the optimizer
+    steps are the DP1 ones. Its samples go longest first onto the rank with the fewest tokens (`seq_lens`)
+    in this mini-batch so far; ties go to the rank with the fewest tokens in the whole step, then the lower
+    rank. Bound (greedy LPT): in every mini-batch, every rank's tokens ≤ mean + longest, with mean = the
+    mini-batch's tokens / dp_size and longest = its longest sample (the rank's last sample arrived when
+    that rank held ≤ mean); over the step, ≤ total / dp_size + Σ_k longest_k. A rank may get no sample
+    of a mini-batch (fewer samples than ranks): the engine then runs a masked filler.
+    """
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    out: list[list[list[int]]] = [[] for _ in range(dp_size)]
+    step_load = [0] * dp_size
+    for mb in split_mini_batches(list(range(len(seq_lens))), mini_batches):
+        load = [0] * dp_size
+        taken: list[list[int]] = [[] for _ in range(dp_size)]
+        for i in sorted(mb, key=lambda i: -seq_lens[i]):  # stable: equal lengths keep index order
+            r = min(range(dp_size), key=lambda r: (load[r], step_load[r], r))
+            taken[r].append(i)
+            load[r] += seq_lens[i]
+            step_load[r] += seq_lens[i]
+        for r in range(dp_size):
+            out[r].append(sorted(taken[r]))
+    return out
+
+
+@dataclass
+class Share:
+    """One data-parallel rank's part of a step's samples (what `PolicyEngine.scatter` hands each rank)."""
+
+    samples: list[Sample]
+    """This rank's samples: its part of global mini-batch 0, then of mini-batch 1, … (global order)."""
+    indices: list[int]
+    """`indices[j]` is the position of `samples[j]` in the step's global list."""
+    mini_batch_sizes: list[int]
+    """How many of `samples` belong to each global mini-batch (0 allowed: the rank runs a masked filler)."""
+    num_samples: int
+    """Samples in the whole step, all ranks together."""
+
+
+def data_parallel_shares(samples: list[Sample], *, mini_batches: int, dp_size: int) -> list[Share]:
+    """Every DP rank's `Share` of `samples` (index = DP rank), split by `assign_data_parallel`."""
+    plan = assign_data_parallel([s.seq_len for s in samples], mini_batches=mini_batches, dp_size=dp_size)
+    shares = []
+    for per_mb in plan:
+        indices = [i for mb in per_mb for i in mb]
+        shares.append(
+            Share(
+                samples=[samples[i] for i in indices],
+                indices=indices,
+                mini_batch_sizes=[len(mb) for mb in per_mb],
+                num_samples=len(samples),
+            )
+        )
+    return shares
 
 
 def pack_micro_batches(

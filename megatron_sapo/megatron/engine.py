@@ -6,13 +6,22 @@
 same code serves TP, PP, virtual PP, DP and EP (gloo on CPU, NCCL on GPU)::
 
     engine = PolicyEngine(model_provider, OptimConfig(lr=1e-6), LossConfig(mini_batches=4))
-    old = engine.compute_logprobs(samples)            # π_old pass, no grad; list of [n_response_i]
-    metrics = engine.train_step(samples, old)         # one optimizer step per mini-batch
+    share = engine.scatter(samples if rank == 0 else None)   # every rank: its DP rank's share
+    old = engine.compute_logprobs(share.samples)     # π_old pass, no grad; list of [n_response_i]
+    everything = engine.gather(share, old)           # rank 0: by global index; other ranks: None
+    metrics = engine.train_step(share, old)          # one optimizer step per global mini-batch
 
-`samples` are this data-parallel rank's `Sample`s (see `batching.shard_for_data_parallel`); every rank of
-a model-parallel group (TP × PP) passes the same list. `model_provider(pre_process, post_process,
-vp_stage=None)` returns one megatron module for this rank's (virtual) pipeline stage, weights loaded.
-Parallel state first: `megatron_sapo.megatron.parallel.init_parallel` (on CPU it enables megatron/cpu.py).
+Data parallelism splits the work: `scatter` (collective) takes the step's global list on global rank 0
+and hands each rank only its data-parallel rank's `Share` (`batching.data_parallel_shares`: global
+mini-batch k = `split_mini_batches(samples)[k]` as at DP1, spread over the DP ranks by tokens, longest
+first onto the least-loaded rank). Every rank of a model-parallel group (TP × PP; with EP, megatron's
+dense DP group holds the EP ranks, which take different shares) gets the same share. `train_step(share)`
+steps once per global mini-batch, a rank with no sample in one running a masked filler so that it still
+joins the collectives: the optimizer steps equal the DP1 ones (tests/distributed/test_data_parallel.py).
+`train_step(samples)` with a plain list (this rank's samples, e.g. `batching.shard_for_data_parallel`)
+splits them locally into `mini_batches`. `model_provider(pre_process, post_process, vp_stage=None)`
+returns one megatron module for this rank's (virtual) pipeline stage, weights loaded. Parallel state
+first: `megatron_sapo.megatron.parallel.init_parallel` (on CPU it enables megatron/cpu.py).
 
 Loss normalisation. The gradient must be exactly ∇(Σ_i seqmean_i / N) with N the number of sequences of
 the *global* mini-batch (all DP ranks): `compute_policy_loss` gets `normalizer=N` (DP-summed). Megatron
@@ -29,7 +38,8 @@ experts in `compute_logprobs` and replays them in every update forward; "r3" rep
 (the rollout engine's) in both. "off" installs no hook.
 
 Tests: ``python -m pytest tests/distributed/test_engine_layouts.py tests/unit/test_batching.py -q``,
-``python -m pytest tests/distributed/test_engine_routing_replay.py -q``.
+``python -m pytest tests/distributed/test_engine_routing_replay.py -q``,
+``python -m pytest tests/distributed/test_data_parallel.py -q``.
 """
 
 from __future__ import annotations
@@ -64,7 +74,9 @@ from megatron_sapo.losses import (
 from megatron_sapo.megatron.batching import (
     MicroBatch,
     Sample,
+    Share,
     collate,
+    data_parallel_shares,
     pack_micro_batches,
     split_mini_batches,
 )
@@ -213,6 +225,7 @@ class PolicyEngine:
         self.routing = (
             None if loss.routing_replay == "off" else EngineRouting(self.model, loss.routing_replay)
         )
+        self._dp_rank_of: list[int] | None = None  # DP rank of every global rank, learnt by `scatter`
 
     def _build_model(
         self, provider: ModelProvider, optim: OptimConfig, ddp_config: DistributedDataParallelConfig | None
@@ -272,7 +285,8 @@ class PolicyEngine:
         # peer both ways, see cpu.py): use one [B, T] for all micro-batches instead.
         shape = None
         if interleaved:
-            shape = (max(len(g) for g in groups), max(s.seq_len for s in samples))
+            # a DP rank may hold no sample of a mini-batch: one filler row of one position
+            shape = (max(max(len(g) for g in groups), 1), max((s.seq_len for s in samples), default=1))
         # Sequence parallelism splits T over the TP ranks: T must divide by TP.
         multiple = parallel_state.get_tensor_model_parallel_world_size() if self._sequence_parallel else 1
         batches = []
@@ -345,6 +359,66 @@ class PolicyEngine:
 
     # ---------------------------------------------------------------- public API
 
+    def scatter(self, samples: list[Sample] | None) -> Share:
+        """Collective over every rank: global rank 0 passes the step's global list, every other rank None;
+        each rank returns its data-parallel rank's `Share` (the same on all ranks of a model-parallel
+        group), and receives nothing of the other shares.
+
+        Rank 0 splits by lengths only (`batching.data_parallel_shares`, `loss_config.mini_batches` global
+        mini-batches) and sends each rank its share (`scatter_object_list`). An invalid list on rank 0
+        (e.g. fewer samples than mini-batches) raises the same ValueError on every rank.
+        """
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank != 0 and samples is not None:
+            raise ValueError("PolicyEngine.scatter: only global rank 0 passes samples (others pass None)")
+        dp_size = parallel_state.get_data_parallel_world_size()
+        if self._dp_rank_of is None:
+            self._dp_rank_of = [0] * world
+            dist.all_gather_object(self._dp_rank_of, parallel_state.get_data_parallel_rank())
+        payload: list[Any] | None = None
+        if rank == 0:
+            try:
+                if samples is None:
+                    raise ValueError("PolicyEngine.scatter: global rank 0 must pass the step's samples")
+                shares = data_parallel_shares(
+                    samples, mini_batches=self.loss_config.mini_batches, dp_size=dp_size
+                )
+                payload = [shares[self._dp_rank_of[r]] for r in range(world)]
+            except ValueError as exc:  # every rank raises it instead of waiting for a share
+                payload = [exc] * world
+        received: list[Any] = [None]
+        if world == 1:
+            received = payload
+        else:
+            dist.scatter_object_list(received, payload, src=0)
+        if isinstance(received[0], ValueError):
+            raise received[0]
+        return received[0]
+
+    def gather(self, share: Share, values: list[Any]) -> list[Any] | None:
+        """Per-sample results (`values[j]` of `share.samples[j]`, e.g. `compute_logprobs`'s) to global
+        rank 0, as one list in the step's global order; None on every other rank.
+
+        Collective over rank 0's data-parallel group only (its shares cover the step once; the ranks of
+        other DP groups hold copies and return None at once).
+        """
+        group = parallel_state.get_data_parallel_group()
+        ranks = dist.get_process_group_ranks(group)
+        if 0 not in ranks:
+            return None
+        mine = list(zip(share.indices, values))
+        parts: list[Any] | None = [mine]
+        if len(ranks) > 1:
+            parts = [None] * len(ranks) if dist.get_rank() == 0 else None
+            dist.gather_object(mine, parts, dst=0, group=group)
+        if dist.get_rank() != 0:
+            return None
+        out: list[Any] = [None] * share.num_samples
+        for part in parts:
+            for i, value in part:
+                out[i] = value
+        return out
+
     @torch.no_grad()
     def compute_logprobs(self, samples: list[Sample]) -> list[torch.Tensor]:
         """Log-probs of each sample's response tokens under the current weights: `[n_response_i]` fp32 CPU.
@@ -378,16 +452,32 @@ class PolicyEngine:
         return self._from_last_stage(result)
 
     def train_step(
-        self, samples: list[Sample], old_logprobs: list[torch.Tensor] | None = None
+        self, samples: Share | list[Sample], old_logprobs: list[torch.Tensor] | None = None
     ) -> dict[str, float]:
-        """One optimizer step per mini-batch over this DP rank's `samples`; returns averaged metrics.
+        """One optimizer step per mini-batch; returns metrics averaged over the mini-batches (DP-global).
 
-        `old_logprobs[i]` is `[n_response_i]` log π_old; when None, each sample's `old_logprobs` is used,
-        and where that is missing too, the current policy's (one `compute_logprobs` pass) — on-policy.
+        `samples`: a `Share` from `scatter` (one step per global mini-batch, this rank's part of each:
+        `share.mini_batch_sizes`), or a list of this DP rank's samples, split locally into
+        `loss_config.mini_batches` (`split_mini_batches`; every DP rank must then hold ≥ that many).
+        `old_logprobs[i]` is `[n_response_i]` log π_old of the i-th local sample; when None, each sample's
+        `old_logprobs` is used, and where that is missing too, the current policy's (one
+        `compute_logprobs` pass) — on-policy.
         Routing replay: "r2" replays the experts of the last `compute_logprobs(samples)` call (the same
         `Sample` objects; without one, a `compute_logprobs` pass records them now), "r3" `Sample.routing`;
         every forward of every mini-batch replays them.
         """
+        if isinstance(samples, Share):
+            sizes = samples.mini_batch_sizes
+            if len(sizes) != self.loss_config.mini_batches:
+                raise ValueError(
+                    f"the share has {len(sizes)} mini-batches, loss.mini_batches is "
+                    f"{self.loss_config.mini_batches} (scatter with the same LossConfig)"
+                )
+            bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+            indices = [list(range(bounds[k], bounds[k + 1])) for k in range(len(sizes))]
+            samples = samples.samples
+        else:
+            indices = split_mini_batches(list(range(len(samples))), self.loss_config.mini_batches)
         if old_logprobs is None:
             old_logprobs = [s.old_logprobs for s in samples]
             if any(x is None for x in old_logprobs):
@@ -399,7 +489,6 @@ class PolicyEngine:
             routing = self.routing.rows_for(samples, update=True)
         start = time.perf_counter()
         dp_group = parallel_state.get_data_parallel_group()
-        indices = split_mini_batches(list(range(len(samples))), self.loss_config.mini_batches)
         totals: dict[str, float] = {}
         losses, grad_norms, skipped, lr = [], [], 0, 0.0
         for k, idx in enumerate(indices):

@@ -4,7 +4,11 @@
 
 Every trainer rank builds the megatron policy (`PolicyEngine`, any TP/PP/EP layout); global rank 0 also
 owns the rollout engine (SGLang servers or the in-process transformers engine) and the rewards, and
-broadcasts each step's samples to the other ranks. Per step: n samples per prompt, rewards (a crash or
+sends each data-parallel rank only its token-balanced share of each step's samples
+(`PolicyEngine.scatter`; the ranks of one model-parallel group get the same share): every rank runs the
+pi_old pass and the updates on its share only, gradients are all-reduced, and rank 0 gathers the pi_old
+log-probs back for the engine-trainer mismatch metric (`_update_policy`; docs/multinode.md, "How
+samples flow at scale"). Per step: n samples per prompt, rewards (a crash or
 timeout is a 0 reward and a counted warning), group-normalised advantages, optional dynamic sampling
 (drop groups whose rewards are all equal, sample more prompts), trainer-side pi_old log-probs, the
 loss's mini-batch updates, weight sync to the engines + the log-prob mismatch guard, periodic greedy
@@ -170,7 +174,8 @@ def _cold_start(
         for group in policy.optimizer.param_groups:
             group["lr"] = cfg.sft.lr
         samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=1.0) for t, r in batch]
-        metrics = policy.train_step(samples)
+        # every rank loads the data; rank 0's batch is split so that each DP rank trains on its share
+        metrics = policy.train_step(policy.scatter(samples if dist.get_rank() == 0 else None))
         if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
             writer.log_sft(step, metrics, time.perf_counter() - started)
     policy.loss_config, policy.temperature, policy.routing = loss_config, temperature, routing
@@ -189,19 +194,19 @@ def _rl_step(
     sync: WeightSync,
 ) -> dict[str, float]:
     t0 = time.perf_counter()
-    lend = dist.get_rank() == 0 and engines.lends_memory(cfg)
+    driver = dist.get_rank() == 0
+    lend = driver and engines.lends_memory(cfg)
     rollout = partial(_rollout, cfg, step, engine, rewards, data)
-    (rows, stats), restarts = _with_resync(partial(_from_driver, rollout), sync, str(step), "rollout")
+    # The rollout stays on rank 0: the other ranks get only their share of it, from policy.scatter.
+    result, restarts = _with_resync(
+        partial(_from_driver, rollout, driver_only=True), sync, str(step), "rollout"
+    )
+    rows, stats = result if driver else ([], {})
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
         engine.release_memory()
     t_rollout = time.perf_counter() - t0
     samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _ in rows]
-    old = policy.compute_logprobs(samples)
-    _check_finite(old)
-    engine_diff = [(o - torch.tensor(e)).abs() for o, (*_, e) in zip(old, rows)]
-    t1 = time.perf_counter()
-    metrics = policy.train_step(samples, old)
-    t_train = time.perf_counter() - t1
+    old, metrics = _update_policy(policy, samples if driver else None)
     if not math.isfinite(metrics["loss"]):
         # step + 1: the metrics.jsonl row this step writes
         log.warning(
@@ -212,6 +217,7 @@ def _rl_step(
         engine.resume_memory()  # the sync below refills the weights
     metrics.update(sync.sync(version=str(step + 1)))
     if cfg.rollout.guard_prompts:
+        # Not scattered: every rank scores all probes (rollout.guard_prompts, a handful of short ones).
         probes = data.train_prompt_ids(step * 7919, cfg.rollout.guard_prompts)
         guard = partial(
             check_weight_sync,
@@ -225,35 +231,58 @@ def _rl_step(
         checked, guard_restarts = _with_resync(guard, sync, str(step + 1), "weight-sync check")
         metrics.update(checked)
         restarts += guard_restarts
-    diffs = torch.cat(engine_diff) if engine_diff else torch.zeros(1)
+    diff_mean = float("nan")  # only rank 0 writes the row
+    if driver:
+        engine_diff = [(o - torch.tensor(e)).abs() for o, (*_, e) in zip(old, rows)]
+        diff_mean = (torch.cat(engine_diff) if engine_diff else torch.zeros(1)).mean().item()
     return {
         "step": step + 1,
         **stats,
         **metrics,
-        "rollout/engine_trainer_logprob_diff_mean": diffs.mean().item(),
+        "rollout/engine_trainer_logprob_diff_mean": diff_mean,
         "rollout/restarts": float(restarts),
         "time/rollout_s": t_rollout,
-        "time/train_s": t_train,
         "time/sync_s": time.perf_counter() - t2,
         "time/step_s": time.perf_counter() - t0,
     }
 
 
-def _from_driver(fn: Callable[[], Any]) -> Any:
-    """Rank 0 runs `fn` (an engine call) and every rank gets its result; an `EngineRestarted` on rank 0 is
-    raised on every rank, so that all of them can re-sync together, and a `PolicyDiverged`, so that all
-    of them stop."""
+def _update_policy(
+    policy: PolicyEngine, samples: list[Sample] | None
+) -> tuple[list[torch.Tensor] | None, dict[str, float]]:
+    """Every rank: one step's pi_old pass and mini-batch updates, each DP rank on its share only.
+
+    Global rank 0 passes the step's samples, the others None. Returns (on rank 0 the pi_old log-probs
+    `[n_response_i]` of every sample in the step's order, elsewhere None; the train metrics, DP-global,
+    with time/train_s). Non-finite log-probs raise `PolicyDiverged` on every rank, before any update.
+    """
+    share = policy.scatter(samples)
+    old = policy.compute_logprobs(share.samples)
+    old_all = policy.gather(share, old)
+    # Rank 0 holds every share's log-probs now: its verdict reaches every rank, so all stop together.
+    _from_driver(partial(_check_finite, old_all), driver_only=True)
+    t = time.perf_counter()
+    metrics = policy.train_step(share, old)
+    return old_all, {**metrics, "time/train_s": time.perf_counter() - t}
+
+
+def _from_driver(fn: Callable[[], Any], *, driver_only: bool = False) -> Any:
+    """Rank 0 runs `fn` (an engine call) and every rank gets its result (`driver_only`: rank 0 keeps it,
+    the others get None; only the outcome is broadcast); an `EngineRestarted` on rank 0 is raised on every
+    rank, so that all of them can re-sync together, and a `PolicyDiverged`, so that all of them stop."""
     payload: list[Any] = [None]
+    result = None
     if dist.get_rank() == 0:
         try:
-            payload = [fn()]
+            result = fn()
+            payload = [None if driver_only else result]
         except (EngineRestarted, PolicyDiverged) as exc:
             payload = [exc]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
     if isinstance(payload[0], (EngineRestarted, PolicyDiverged)):
         raise payload[0]
-    return payload[0]
+    return result if dist.get_rank() == 0 else payload[0]
 
 
 @contextmanager
@@ -269,8 +298,8 @@ def _stop_if_diverged(step: int) -> Iterator[None]:
 
 
 def _check_finite(logprobs: list[torch.Tensor]) -> None:
-    """Every rank: PolicyDiverged when the trainer's log-probs of a rollout sample [n_response_i] are not
-    finite (all ranks hold the same ones, so all stop)."""
+    """PolicyDiverged when the trainer's log-probs of a rollout sample [n_response_i] are not finite (rank 0,
+    on the whole step's, gathered; `_update_policy` raises its verdict on every rank)."""
     bad = [i for i, lp in enumerate(logprobs) if not torch.isfinite(lp).all()]
     if bad:
         raise PolicyDiverged(

@@ -1,4 +1,5 @@
-"""Rollout batching for the policy engine: mini-batch split, DP sharding, token-budget packing, collation.
+"""Rollout batching for the policy engine: mini-batch split, DP sharding (equal-count shards and the
+token-balanced shares `PolicyEngine.scatter` sends), token-budget packing, collation.
 
 python -m pytest tests/unit/test_batching.py -q
 """
@@ -12,7 +13,9 @@ from hypothesis import strategies as st
 
 from megatron_sapo.megatron.batching import (
     Sample,
+    assign_data_parallel,
     collate,
+    data_parallel_shares,
     pack_micro_batches,
     shard_for_data_parallel,
     split_mini_batches,
@@ -49,6 +52,67 @@ def test_dp_shards_reassemble_the_global_mini_batches() -> None:
         assert [x for mb in local_mbs for x in mb] == global_mb
     with pytest.raises(ValueError):
         shard_for_data_parallel(list(range(10)), mini_batches=2, dp_rank=0, dp_size=3)
+
+
+def _check_assignment(lens: list[int], k: int, dp: int) -> list[list[list[int]]]:
+    """Every property of `assign_data_parallel` against `split_mini_batches` and the LPT bound."""
+    plan = assign_data_parallel(lens, mini_batches=k, dp_size=dp)
+    assert plan == assign_data_parallel(list(lens), mini_batches=k, dp_size=dp)  # deterministic
+    assert len(plan) == dp and all(len(per_mb) == k for per_mb in plan)
+    # global mini-batch m is the DP1 one, split across the ranks: every index exactly once
+    for m, global_mb in enumerate(split_mini_batches(list(range(len(lens))), k)):
+        parts = [plan[r][m] for r in range(dp)]
+        assert sorted(i for part in parts for i in part) == global_mb
+        assert all(part == sorted(part) for part in parts)
+        tokens = [sum(lens[i] for i in part) for part in parts]
+        mean, longest = sum(lens[i] for i in global_mb) / dp, max(lens[i] for i in global_mb)
+        assert max(tokens) <= mean + longest
+    step = [sum(lens[i] for mb in per_mb for i in mb) for per_mb in plan]
+    longest_sum = sum(max(lens[i] for i in mb) for mb in split_mini_batches(list(range(len(lens))), k))
+    assert max(step) <= sum(lens) / dp + longest_sum
+    return plan
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 60), min_size=1, max_size=40),
+    k=st.integers(1, 4),
+    dp=st.integers(1, 8),
+)
+def test_token_balanced_assignment_properties(lens: list[int], k: int, dp: int) -> None:
+    if len(lens) < k:
+        with pytest.raises(ValueError):
+            assign_data_parallel(lens, mini_batches=k, dp_size=dp)
+        return
+    _check_assignment(lens, k, dp)
+
+
+def test_token_balanced_assignment_examples() -> None:
+    # one mini-batch [10, 1, 1, 8] on 2 ranks: longest first onto the least-loaded rank
+    assert assign_data_parallel([10, 1, 1, 8], mini_batches=1, dp_size=2) == [[[0]], [[1, 2, 3]]]
+    # equal lengths: ties go to the rank with fewer tokens in the step, so odd mini-batches alternate
+    lens = [4] * 6
+    plan = _check_assignment(lens, 2, 2)
+    assert plan == [[[0, 2], [4]], [[1], [3, 5]]]
+    # fewer samples than ranks: some ranks hold nothing of a mini-batch (the engine runs a filler)
+    plan = _check_assignment([5, 3, 7], 1, 4)
+    assert plan == [[[2]], [[0]], [[1]], [[]]]
+    with pytest.raises(ValueError):
+        assign_data_parallel([1, 2], mini_batches=1, dp_size=0)
+
+
+def test_shares_hold_only_their_samples_and_global_indices() -> None:
+    samples = [_sample(n, 1) for n in (12, 3, 9, 4, 7, 5, 6, 2)]
+    shares = data_parallel_shares(samples, mini_batches=2, dp_size=3)
+    plan = assign_data_parallel([s.seq_len for s in samples], mini_batches=2, dp_size=3)
+    seen = []
+    for share, per_mb in zip(shares, plan):
+        assert share.indices == [i for mb in per_mb for i in mb]
+        assert share.mini_batch_sizes == [len(mb) for mb in per_mb]
+        assert share.num_samples == 8
+        assert all(s is samples[i] for s, i in zip(share.samples, share.indices))
+        seen += share.indices
+    assert sorted(seen) == list(range(8))  # disjoint and covering
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,113 @@
+"""Benchmark: data-parallel scaling of the trainer's policy update on CPU (gloo), same global batch.
+
+The trainer's step (`megatron_sapo.train.loop._update_policy`: rank 0's samples → `PolicyEngine.scatter`
+→ π_old pass → `gather` → `train_step`) on one tiny dense GPT at DP1, DP2 and DP4 (1, 2, 4 processes),
+every layout on the same `--samples` sequences (48–128 tokens) and `--mini-batches`. "replicated" runs
+what the trainer did before shares: every rank computes π_old and the updates on the whole batch. A
+forward pre-hook on the embedding counts the tokens each rank feeds its model per step (π_old pass +
+updates); time is the wall time of one step, median over `--reps` after one untimed warm-up step.
+Reported: tokens per rank per step (max over ranks) and its ratio to DP1 (1/DP expected for "scatter"),
+step time and its ratio to DP1. On a 2-core machine shared with other jobs the processes compete for
+the same cores, so the time ratios say little about a cluster; the token ratios are exact.
+
+    python benchmarks/bench_scaling.py --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_sapo.utils.spawn import run_on_ranks
+
+VOCAB, SEQ_MAX = 512, 128
+LAYOUTS = [("scatter", 1), ("scatter", 2), ("scatter", 4), ("replicated", 2), ("replicated", 4)]
+
+
+def _bench(rank: int, world_size: int, mode: str, args: dict) -> dict:
+    from megatron_sapo.megatron.batching import Sample
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
+    from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
+    from megatron_sapo.train.loop import _update_policy
+
+    torch.set_num_threads(max(1, args["threads"] // world_size))
+    init_megatron_cpu()
+    config = tiny_gpt_config(num_layers=4, hidden_size=64, ffn_hidden_size=128, kv_channels=16)
+
+    def provider(pre_process: bool, post_process: bool, vp_stage: int | None = None) -> torch.nn.Module:
+        return build_tiny_gpt(config, vocab_size=VOCAB, max_seq_len=SEQ_MAX)
+
+    engine = PolicyEngine(
+        provider,
+        OptimConfig(lr=1e-4),
+        LossConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["budget"]),
+    )
+    seen = [0]
+    engine.model[0].module.embedding.word_embeddings.register_forward_pre_hook(
+        lambda _, inputs: seen.__setitem__(0, seen[0] + int((inputs[0] != 0).sum()))
+    )
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(args["samples"]):
+        length = int(torch.randint(48, SEQ_MAX + 1, (1,), generator=generator))
+        tokens = torch.randint(1, VOCAB, (length,), generator=generator)  # 0 is padding: not counted
+        samples.append(
+            Sample(tokens, response_start=16, advantage=float(torch.randn((), generator=generator)))
+        )
+
+    def step() -> None:
+        if mode == "scatter":
+            _update_policy(engine, samples if rank == 0 else None)
+        else:  # before shares: every rank ran the whole batch, gradients then averaged over DP
+            engine.train_step(samples, engine.compute_logprobs(samples))
+
+    step()  # warm-up
+    times, tokens = [], []
+    for _ in range(args["reps"]):
+        start, t0 = seen[0], time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        tokens.append(seen[0] - start)
+    return dict(times=times, tokens=tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--mini-batches", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=1024, help="micro-batch token budget")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="split over ranks")
+    args = vars(parser.parse_args())
+    print(
+        f"samples={args['samples']} (48-{SEQ_MAX} tokens) mini_batches={args['mini_batches']} "
+        f"budget={args['budget']} reps={args['reps']} threads={args['threads']} vocab={VOCAB} "
+        "hidden=64 layers=4, dense; tokens = fed to the model per step (pi_old + updates)"
+    )
+    print(
+        f"{'mode':<10} {'DP':>2} {'tokens/rank':>11} {'ratio':>6} {'step s (median)':>15} {'ratio':>6}  "
+        "all reps (s)"
+    )
+    base_tokens = base_time = None
+    for mode, world in LAYOUTS:
+        results = run_on_ranks(_bench, world_size=world, args=(mode, args), timeout=900)
+        tokens = max(statistics.median(r["tokens"]) for r in results)
+        seconds = statistics.median(max(ts) for ts in zip(*(r["times"] for r in results)))
+        if base_tokens is None:
+            base_tokens, base_time = tokens, seconds
+        reps = ", ".join(f"{max(ts):.2f}" for ts in zip(*(r["times"] for r in results)))
+        print(
+            f"{mode:<10} {world:>2} {tokens:>11.0f} {tokens / base_tokens:>6.3f} {seconds:>15.2f} "
+            f"{seconds / base_time:>6.2f}  {reps}"
+        )
+
+
+if __name__ == "__main__":
+    main()
