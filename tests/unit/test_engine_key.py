@@ -199,3 +199,29 @@ def test_guard_masks_the_keys_it_reads_and_the_command_cannot_read_them() -> Non
     assert "api=*** admin=*** other" in lines
     assert "stdin: ''" in lines  # the child's stderr goes through the guard too; its stdin is empty
     assert b"SECRET" not in out.stdout + out.stderr
+
+
+def test_rollout_urls_send_the_key_from_the_environment(
+    recorder, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    from megatron_sapo.cluster.launch import resolve
+    from megatron_sapo.train.config import TrainJobConfig
+    from megatron_sapo.train.engines import build_engine
+    from megatron_sapo.utils.typed_config import from_dict
+
+    httpd, seen = recorder
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8}))
+    cfg = from_dict(TrainJobConfig, {"rollout": {"urls": [url]}, "run": {"output_dir": str(tmp_path)}})
+    launch = resolve({}, cfg.cluster, cfg.parallel)
+    monkeypatch.setenv("MEGATRON_SAPO_ENGINE_API_KEY", "user-api")
+    monkeypatch.setenv("MEGATRON_SAPO_ENGINE_ADMIN_KEY", "user-admin")
+    engine = build_engine(cfg, tmp_path, tmp_path, launch)
+    engine.flush_cache()
+    assert engine.weight_version == "7"
+    assert seen == [("/flush_cache", "Bearer user-admin"), ("/model_info", "Bearer user-api")]
+    monkeypatch.delenv("MEGATRON_SAPO_ENGINE_API_KEY")
+    monkeypatch.delenv("MEGATRON_SAPO_ENGINE_ADMIN_KEY")
+    with caplog.at_level("WARNING"):
+        build_engine(cfg, tmp_path, tmp_path, launch).flush_cache()
+    assert seen[-1] == ("/flush_cache", None) and "MEGATRON_SAPO_ENGINE_API_KEY is not set" in caplog.text
