@@ -30,12 +30,12 @@ from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 TRANSPORTS = ("disk", "tensor", "distributed")
 
 
-def _bench(rank, world, url, model_dir, disk_dir, tp, repeats, bucket_mib):
+def _bench(rank, world, url, key, model_dir, disk_dir, tp, repeats, bucket_mib):
     from megatron_sapo.bridge.load import load_hf_weights
     from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
-    from megatron_sapo.rollout.client import SGLangEngine
+    from megatron_sapo.rollout.client import Endpoint, SGLangEngine
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
     from megatron_sapo.train.guard import check_weight_sync
 
@@ -43,7 +43,7 @@ def _bench(rank, world, url, model_dir, disk_dir, tp, repeats, bucket_mib):
     config = AutoConfig.from_pretrained(model_dir)
     policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), LossConfig())
     load_hf_weights(policy.model, config, model_dir)
-    engine = SGLangEngine([url], model_path=model_dir) if rank == 0 else None
+    engine = SGLangEngine([Endpoint(url, key)], model_path=model_dir) if rank == 0 else None
     out = {}
     for transport in TRANSPORTS:
         cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=bucket_mib << 20)
@@ -95,7 +95,15 @@ def main() -> None:
         res = run_on_ranks(
             _bench,
             world_size=args.tp,
-            args=(server.url, str(model_dir), str(work / "disk"), args.tp, args.repeats, args.bucket_mib),
+            args=(
+                server.url,
+                server.key,
+                str(model_dir),
+                str(work / "disk"),
+                args.tp,
+                args.repeats,
+                args.bucket_mib,
+            ),
             timeout=1800,
         )[0]
     finally:

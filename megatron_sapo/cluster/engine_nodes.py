@@ -15,7 +15,13 @@ filesystem every node shares (the tiny model is built by trainer rank 0 into <ou
 Colocated runs with `cluster.colocated_engines: every_node` on several nodes (`node_engines`): local rank 0
 of each train node — a trainer process — starts `rollout.num_engines` servers on its node once the model
 is ready and stops them when it leaves training; trainer rank 0 reaches all of them by URL.
-Tests: tests/e2e/test_multirank.py.
+
+Keys: the process that launches a node's servers generates the node's key (`EngineKey.generate`), writes
+it to `<run.output_dir>/engines/keys/<node>.yaml` (mode 0600, in a mode-0700 folder, so only the job's
+user reads it on the shared filesystem) before any server starts, and deletes it when they stop. Trainer
+rank 0 reads it after the node's servers answer /health, so it never reads an earlier run's file. The key
+is never a config value, a flag, a log line or a metric.
+Tests: tests/e2e/test_multirank.py, tests/unit/test_engine_key.py (the key file).
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
 from megatron_sapo.cluster.config import ClusterConfig
 from megatron_sapo.cluster.launch import Launch, every_node_engines, node_engine_ports
 from megatron_sapo.rollout import RolloutError, ServerConfig, SGLangServer
+from megatron_sapo.rollout.client import Endpoint
 from megatron_sapo.rollout.config import RolloutConfig
+from megatron_sapo.rollout.engine_key import EngineKey
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,11 @@ POLL_S = 1.0
 def stop_marker(output_dir: Path) -> Path:
     """The file trainer rank 0 writes under the run's output directory to stop the engine nodes."""
     return Path(output_dir) / "engines" / "stop"
+
+
+def key_file(output_dir: Path, node: str) -> Path:
+    """The file holding the key of `node`'s servers (written by the process that launches them)."""
+    return Path(output_dir) / "engines" / "keys" / f"{node}.yaml"
 
 
 def _marker_state(path: Path) -> tuple[int, str] | None:
@@ -91,7 +105,7 @@ def serve_engine_node(
         log.warning("engine node %s: the trainers stopped before the model was ready", node)
         return 0
     ports = [cluster.engine_port + i for i in range(cluster.engines_per_node)]
-    servers = launch_servers(rollout, node, model, ports, log_dir=Path(output_dir) / "logs" / node)
+    servers = launch_servers(rollout, node, model, ports, output_dir=output_dir)
     try:
         for s in servers:
             s.wait_ready(s.config.startup_timeout)
@@ -105,8 +119,7 @@ def serve_engine_node(
                 )
             time.sleep(POLL_S)
     finally:
-        for s in servers:
-            s.stop()
+        _stop(servers, output_dir, node)
     return 0
 
 
@@ -139,19 +152,25 @@ def server_configs(base: ServerConfig, count: int, *, first_port: int | None = N
 
 
 def launch_servers(
-    rollout: RolloutConfig, node: str, model: Path, ports: list[int], *, log_dir: Path
+    rollout: RolloutConfig, node: str, model: Path, ports: list[int], *, output_dir: Path
 ) -> list[SGLangServer]:
-    """Start (without waiting) one SGLang server per port on this node, reachable from the other nodes;
-    their logs go to `log_dir` unless `rollout.server.log_dir` is set."""
+    """Start (without waiting) one SGLang server per port on this node, reachable from the other nodes,
+    all locked with the node's new key (written to `key_file` first); their logs go to
+    <output_dir>/logs/<node> unless `rollout.server.log_dir` is set."""
     base = rollout.server_config(str(model))
     base.host = socket.gethostbyname(node)
     if ipaddress.ip_address(base.host).is_loopback:
         # a node name mapped to 127.0.1.1 in /etc/hosts (Debian's default) would hide the servers from
         # the other nodes: listen everywhere instead
         base.host = "0.0.0.0"
-    base.log_dir = base.log_dir or str(log_dir)
+    base.log_dir = base.log_dir or str(Path(output_dir) / "logs" / node)
     configs = server_configs(base, len(ports), first_port=ports[0])
-    servers = [SGLangServer(c) for c in configs]
+    key = EngineKey.generate()
+    path = key_file(output_dir, node)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    key.save(path)
+    servers = [SGLangServer(c, key=key) for c in configs]
     for s in servers:  # all load in parallel
         s.launch()
     return servers
@@ -169,12 +188,34 @@ def node_engines(
         return
     node = launch.nodes[launch.node_rank]
     ports = node_engine_ports(cluster, launch.train_nodes.index(node), rollout.num_engines)
-    servers = launch_servers(rollout, node, model, ports, log_dir=Path(output_dir) / "logs" / node)
+    servers = launch_servers(rollout, node, model, ports, output_dir=output_dir)
     try:
         yield servers
     finally:
-        for s in servers:
-            s.stop()
+        _stop(servers, output_dir, node)
+
+
+def _stop(servers: list[SGLangServer], output_dir: Path, node: str) -> None:
+    for s in servers:
+        s.stop()
+    key_file(output_dir, node).unlink(missing_ok=True)  # the key of stopped servers opens nothing
+
+
+def remote_endpoints(urls: list[str], output_dir: Path, timeout: float) -> list[Endpoint]:
+    """Trainer rank 0: the engines of other processes (http://<node>:<port>, see `launch.engine_urls`),
+    once every one answers /health, each with its node's key."""
+    wait_for_engines(urls, timeout)
+    endpoints = []
+    for url in urls:
+        path = key_file(output_dir, urlsplit(url).hostname or "")
+        try:
+            key = EngineKey.load(path)
+        except OSError as exc:
+            raise RolloutError(
+                f"SGLang engine {url} answers, but its key file {path} is unreadable: {exc}"
+            ) from None
+        endpoints.append(Endpoint(url, key))
+    return endpoints
 
 
 def wait_for_engines(urls: list[str], timeout: float) -> None:

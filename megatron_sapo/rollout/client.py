@@ -1,6 +1,6 @@
 """The SGLang rollout engine: one client over one or more SGLang servers (round-robin).
 
-    engine = SGLangEngine([SGLangServer(cfg)])          # or SGLangEngine(["http://node3:30000", ...])
+    engine = SGLangEngine([SGLangServer(cfg)])          # or [Endpoint("http://node3:30000", key), ...]
     gens = engine.generate(["1 + 2 ="], SamplingParams(max_new_tokens=8), n=4)
     gens[0].token_ids, gens[0].logprobs, gens[0].finish_reason, gens[0].weight_version
 
@@ -14,8 +14,12 @@ be pushed collectively, so the caller re-syncs and redoes the work); `generate` 
 chunks. Token ids are validated against the vocabulary before sending: SGLang's scheduler dies on an
 out-of-range id.
 
+Every request carries its server's key (`engine_key.py`: the api key, or the admin key on weight,
+cache and memory routes): a launched server's own, or the key given with an `Endpoint`'s URL (a plain
+URL string sends none).
+
 Weight updates (called by `rollout/weight_sync.py`, which owns the trainer side) live in
-`rollout/sglang_updates.py`. Tests: tests/e2e/test_sglang_engine.py.
+`rollout/sglang_updates.py`. Tests: tests/e2e/test_sglang_engine.py, tests/e2e/test_engine_key.py.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 import requests
 
+from megatron_sapo.rollout.engine_key import ADMIN_KEY_ENV, API_KEY_ENV, EngineKey
 from megatron_sapo.rollout.server import SGLangServer
 from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams
 
@@ -45,11 +50,16 @@ class EngineRestarted(RolloutError):
 
 
 class Endpoint:
-    """One server URL and, when this process launched it, the server to restart."""
+    """One server URL, its key and, when this process launched it, the server to restart."""
 
-    def __init__(self, target: SGLangServer | str) -> None:
-        self.server = target if isinstance(target, SGLangServer) else None
-        self.url = target.url if isinstance(target, SGLangServer) else target.rstrip("/")
+    def __init__(self, target: SGLangServer | str, key: EngineKey | None = None) -> None:
+        """`key`: of a server given by URL (None: it has none); a launched server brings its own."""
+        if isinstance(target, SGLangServer):
+            if key is not None:
+                raise ValueError("Endpoint: a launched server brings its own key")
+            self.server, self.url, self.key = target, target.url, target.key
+        else:
+            self.server, self.url, self.key = None, target.rstrip("/"), key or EngineKey()
         self.lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -61,7 +71,7 @@ class SGLangEngine:
 
     def __init__(
         self,
-        targets: Sequence[SGLangServer | str],
+        targets: Sequence[SGLangServer | Endpoint | str],
         *,
         model_path: str | None = None,
         max_concurrency: int = 8,
@@ -70,12 +80,13 @@ class SGLangEngine:
         max_retries: int = 2,
         retry_after_restart: bool = True,
     ) -> None:
-        """`targets`: servers launched here (restartable) or URLs of running ones. `retry_after_restart`:
+        """`targets`: servers launched here (restartable), or running ones as an `Endpoint` (URL and key)
+        or a bare URL (no key). `retry_after_restart`:
         False makes a request whose server had to be restarted raise `EngineRestarted` (after the restart
         and the `on_restart` hooks) instead of retrying it on the restarted server."""
         if not targets:
             raise ValueError("SGLangEngine needs at least one server or URL")
-        self.endpoints = [Endpoint(t) for t in targets]
+        self.endpoints = [t if isinstance(t, Endpoint) else Endpoint(t) for t in targets]
         self.model_path = model_path or self._served_model_path()
         self.max_concurrency = max_concurrency
         self.request_batch = request_batch
@@ -117,7 +128,11 @@ class SGLangEngine:
             restarts = endpoint.server.restarts if endpoint.server is not None else 0
             try:
                 response = requests.request(
-                    method, endpoint.url + path, json=payload, timeout=self.request_timeout
+                    method,
+                    endpoint.url + path,
+                    json=payload,
+                    headers=endpoint.key.headers(path),
+                    timeout=self.request_timeout,
                 )
             except RESTARTABLE as exc:
                 if attempt + 1 == attempts or not self.recover(endpoint):
@@ -127,6 +142,11 @@ class SGLangEngine:
             if response.status_code >= 500 and attempt + 1 < attempts and self.recover(endpoint):
                 self._restarted_since(endpoint, restarts, path)
                 continue
+            if response.status_code in (401, 403):
+                raise RolloutError(
+                    f"SGLang {endpoint.url}{path} refused the request ({response.status_code}): wrong or "
+                    f"missing key; servers given by URL take {API_KEY_ENV} / {ADMIN_KEY_ENV}"
+                )
             if response.status_code != 200:
                 raise RolloutError(
                     f"SGLang {endpoint.url}{path} answered {response.status_code}: {response.text[:500]}"

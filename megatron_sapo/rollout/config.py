@@ -40,7 +40,9 @@ class RolloutConfig:
     server: ServerOptions = field(default_factory=ServerOptions)
     """How each launched SGLang server runs (ignored when `urls` are given)."""
     urls: list[str] = field(default_factory=list)
-    """Running SGLang servers (http://host:port) to use instead of launching `num_engines` ones."""
+    """Running SGLang servers (http://host:port) to use instead of launching `num_engines` ones; their
+    keys come from the environment, never from the config: MEGATRON_SAPO_ENGINE_API_KEY (their --api-key)
+    and MEGATRON_SAPO_ENGINE_ADMIN_KEY (their --admin-api-key; unset = the api key)."""
     num_engines: int = 1
     """SGLang servers to launch (each `server.tp_size` devices)."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)

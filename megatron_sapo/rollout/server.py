@@ -3,6 +3,7 @@
     server = SGLangServer(ServerConfig(model_path="hf_dir", device="cpu", log_dir="out/logs"))
     server.start()                     # blocks until /health answers (or raises with the log tail)
     server.url                         # http://127.0.0.1:<free port>
+    server.key                         # its EngineKey: requests without it get 401
     server.restart()                   # same flags, same port; used by the client when it died
     server.stop()                      # SIGTERM to the whole process group, SIGKILL after a grace
 
@@ -12,7 +13,12 @@ stand-in on their PYTHONPATH (`cpu_shim/`); GPU servers get neither. See ../shar
 Each server runs under `orphan_guard.py`, the leader of its process group, which ends the group when the
 process that launched it dies without `stop()` (SIGKILL, OOM kill): no server keeps its port and GPU memory
 after its trainer is gone.
-Tests: tests/e2e/test_sglang_engine.py, tests/e2e/conftest.py.
+Every server is locked (`engine_key.py`): a fresh random api + admin key unless one is given (an engine
+node's servers share the node's key). SGLang takes keys as flags only, so they reach it in a mode-0600
+YAML file passed as `--config` (expanded inside the server: `ps` shows the path, not the keys), deleted
+once the server is ready; the guard (told them through its stdin) masks them in the server's log, where
+SGLang prints its arguments.
+Tests: tests/e2e/test_sglang_engine.py, tests/e2e/test_engine_key.py, tests/e2e/conftest.py.
 """
 
 from __future__ import annotations
@@ -20,15 +26,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
+from megatron_sapo.rollout.engine_key import EngineKey
 from megatron_sapo.rollout.types import RolloutError
 from megatron_sapo.utils.spawn import free_port
 
@@ -78,8 +87,10 @@ class ServerConfig:
 class SGLangServer:
     """One `python -m sglang.launch_server` process and its log."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, key: EngineKey | None = None) -> None:
+        """`key`: the keys that lock the server; None = fresh random ones."""
         self.config = config
+        self.key = key or EngineKey.generate()
         self.model_path = config.model_path
         self.weight_version = config.weight_version
         self.port = config.port or free_port()
@@ -88,14 +99,17 @@ class SGLangServer:
         self.log_path = log_dir / f"sglang-{self.port}.log"
         self.restarts = 0
         self._proc: subprocess.Popen | None = None
+        self._key_dir: str | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
-    def command(self) -> list[str]:
+    def command(self, key_file: str | Path) -> list[str]:
+        """The launch command; `key_file` is the YAML holding the keys (`EngineKey.save`)."""
         c = self.config
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path]
+        cmd += ["--config", str(key_file)]
         cmd += ["--host", c.host, "--port", str(self.port), "--tp-size", str(c.tp_size)]
         cmd += ["--weight-version", self.weight_version, "--skip-server-warmup"]
         if c.device == "cpu":
@@ -132,23 +146,36 @@ class SGLangServer:
         if self.alive():
             return
         log.info("starting SGLang on %s (log %s)", self.url, self.log_path)
+        self._drop_key_file()
+        self._key_dir = tempfile.mkdtemp(prefix="sglang-key-")  # mode 0700
+        command = self.command(self.key.save(Path(self._key_dir) / "keys.yaml"))
         with open(self.log_path, "ab") as fh:
-            fh.write(f"\n==== start {time.strftime('%F %T')}: {' '.join(self.command())}\n".encode())
+            fh.write(f"\n==== start {time.strftime('%F %T')}: {' '.join(command)}\n".encode())
             fh.flush()
             # the guard leads the server's process group and ends it if this process dies without stop()
             guard = [sys.executable, str(ORPHAN_GUARD), str(os.getpid()), "--"]
             self._proc = subprocess.Popen(
-                guard + self.command(),
+                guard + command,
+                stdin=subprocess.PIPE,
                 stdout=fh,
                 stderr=subprocess.STDOUT,
                 env=self._env(),
                 start_new_session=True,
             )
+        # the strings the guard masks in the log: through a pipe, not argv or the environment
+        with contextlib.suppress(BrokenPipeError), self._proc.stdin as pipe:  # a dead guard: see wait_ready
+            pipe.write("\n".join(self.key.strings()).encode())
 
     def wait_ready(self, timeout: float) -> None:
         """Wait for /health of *this* server (the model it reports is ours). A free port picked at
         construction can be taken by another process before SGLang binds it (start-up takes 20 s to
         minutes on a loaded machine): then it relaunches on a new free port, up to 3 times."""
+        try:
+            self._wait_ready(timeout)
+        finally:
+            self._drop_key_file()  # read at start-up; a restart writes it again
+
+    def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         port_retries = 0
         while time.monotonic() < deadline:
@@ -188,14 +215,20 @@ class SGLangServer:
     def _serves_our_model(self) -> bool:
         """Whether the server answering on our port loaded our model (not another process's server)."""
         try:
-            info = requests.get(f"{self.url}/model_info", timeout=5.0).json()
+            info = requests.get(
+                f"{self.url}/model_info", headers=self.key.headers("/model_info"), timeout=5.0
+            ).json()
         except (requests.RequestException, ValueError):
             return False
         return info.get("model_path") == self.model_path
 
     def healthy(self, timeout: float = 5.0) -> bool:
         try:
-            return requests.get(f"{self.url}/health", timeout=timeout).status_code == 200
+            # SGLang answers /health without a key; sent anyway, should a version lock it
+            response = requests.get(
+                f"{self.url}/health", headers=self.key.headers("/health"), timeout=timeout
+            )
+            return response.status_code == 200
         except requests.RequestException:
             return False
 
@@ -205,6 +238,7 @@ class SGLangServer:
     def stop(self, grace: float = 20.0) -> None:
         """SIGTERM the server's process group (scheduler and detokenizer too), SIGKILL after `grace`."""
         proc, self._proc = self._proc, None
+        self._drop_key_file()
         if proc is None or proc.poll() is not None:
             return
         _signal_group(proc.pid, signal.SIGTERM)
@@ -226,6 +260,11 @@ class SGLangServer:
         self.restarts += 1
         log.warning("restarting SGLang on %s (restart #%d)", self.url, self.restarts)
         self.start()
+
+    def _drop_key_file(self) -> None:
+        if self._key_dir is not None:
+            shutil.rmtree(self._key_dir, ignore_errors=True)
+            self._key_dir = None
 
     def log_tail(self, lines: int = 30) -> str:
         try:

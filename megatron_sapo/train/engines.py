@@ -6,6 +6,7 @@ Tests: tests/e2e/test_trainer.py, tests/e2e/test_multirank.py.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch.distributed as dist
@@ -15,6 +16,8 @@ from megatron_sapo.rewards import RewardRunner, get_reward
 from megatron_sapo.rollout import RolloutEngine, SamplingParams, WeightSyncConfig
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(cfg: TrainJobConfig, hf_dir: Path, out: Path, launch: Launch) -> RolloutEngine:
@@ -26,15 +29,23 @@ def build_engine(cfg: TrainJobConfig, hf_dir: Path, out: Path, launch: Launch) -
         from megatron_sapo.rollout.hf_engine import TransformersEngine
 
         return TransformersEngine(str(hf_dir), seed=cfg.run.seed)
-    from megatron_sapo.cluster.engine_nodes import server_configs, wait_for_engines
+    from megatron_sapo.cluster.engine_nodes import remote_endpoints, server_configs
     from megatron_sapo.rollout import SGLangEngine, SGLangServer
+    from megatron_sapo.rollout.client import Endpoint
+    from megatron_sapo.rollout.engine_key import API_KEY_ENV, EngineKey
 
     urls = engine_urls(launch, cfg.cluster, r.num_engines)
     if urls:
-        wait_for_engines(urls, r.server.startup_timeout)
-        return SGLangEngine(urls, model_path=str(hf_dir))
+        return SGLangEngine(remote_endpoints(urls, out, r.server.startup_timeout), model_path=str(hf_dir))
     if r.urls:
-        return SGLangEngine(r.urls, model_path=str(hf_dir))
+        key = EngineKey.from_env()  # servers the user started with their own key
+        if key.api is None:
+            log.warning(
+                "rollout.urls: %s is not set; requests carry no key (a server started without --api-key "
+                "lets anyone who reaches its port generate and replace its weights)",
+                API_KEY_ENV,
+            )
+        return SGLangEngine([Endpoint(u, key) for u in r.urls], model_path=str(hf_dir))
     server_config = r.server_config(str(hf_dir))
     server_config.log_dir = server_config.log_dir or str(out / "logs")
     servers = [SGLangServer(c) for c in server_configs(server_config, r.num_engines)]

@@ -148,6 +148,21 @@ def test_srun_two_nodes_with_colocated_engines_on_every_node(tmp_path: Path) -> 
         assert x["sync/bytes"] > 0 and x["sync/logprob_diff_max"] < 1e-4
         assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4, x
     assert not list((tmp_path / "logs").glob("sglang-*.log"))  # rank 0 launched no server of its own
+    for log in logs:
+        assert_locked(log)
+    assert_key_files_gone(tmp_path)
+
+
+def assert_locked(log: Path) -> None:
+    """The server ran with both keys (SGLang prints its arguments at start-up; the guard masked them)."""
+    text = log.read_text()
+    assert "'api_key': '***'" in text and "'admin_api_key': '***'" in text, log
+
+
+def assert_key_files_gone(out: Path) -> None:
+    """Each node wrote its servers' key for trainer rank 0 and deleted it when they stopped."""
+    keys = out / "engines" / "keys"
+    assert keys.is_dir() and (keys.stat().st_mode & 0o077) == 0 and not list(keys.iterdir())
 
 
 def test_disaggregated_engine_node_with_real_sglang(tmp_path: Path) -> None:
@@ -174,7 +189,8 @@ def test_disaggregated_engine_node_with_real_sglang(tmp_path: Path) -> None:
     )
     assert f"serving http://127.0.0.1:{engine_port}" in engine_err
     assert (tmp_path / "engines" / "stop").is_file()
-    assert list((tmp_path / "logs" / "127.0.0.1").glob(f"sglang-{engine_port}.log"))
+    assert_locked(tmp_path / "logs" / "127.0.0.1" / f"sglang-{engine_port}.log")
+    assert_key_files_gone(tmp_path)
     assert not list((tmp_path / "logs").glob("sglang-*.log"))  # the trainer launched no server itself
     r = rows(tmp_path)
     assert [x["step"] for x in r] == [0, 1, 2]

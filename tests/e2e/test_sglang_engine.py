@@ -138,9 +138,8 @@ def test_a_port_taken_before_binding_relaunches_elsewhere(sglang_servers, tiny_m
     try:
         server.start()
         assert server.port != taken
-        assert requests.get(f"{server.url}/model_info", timeout=5).json()["model_path"] == str(
-            tiny_models["moe"]
-        )
+        info = requests.get(f"{server.url}/model_info", headers=server.key.headers("/model_info"), timeout=5)
+        assert info.json()["model_path"] == str(tiny_models["moe"])
         assert "address already in use" in server.log_path.read_text()
     finally:
         server.stop()

@@ -47,14 +47,14 @@ def _perturb(policy, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _sync_all_transports(rank, world, url, model_dir, disk_dir, tp, ep):
-    from megatron_sapo.rollout.client import SGLangEngine
+def _sync_all_transports(rank, world, url, key, model_dir, disk_dir, tp, ep):
+    from megatron_sapo.rollout.client import Endpoint, SGLangEngine
     from megatron_sapo.rollout.hf_engine import TransformersEngine
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
     from megatron_sapo.train.guard import WeightSyncMismatch, check_weight_sync
 
     policy, config = _policy(model_dir, tp=tp, ep=ep)
-    engines = {"sglang": SGLangEngine([url], model_path=model_dir) if rank == 0 else None}
+    engines = {"sglang": SGLangEngine([Endpoint(url, key)], model_path=model_dir) if rank == 0 else None}
     engines["in-process"] = TransformersEngine(model_dir) if rank == 0 else None
     out = {}
     for name, engine in engines.items():
@@ -79,11 +79,11 @@ def test_every_transport_makes_engine_match_trainer(
     name, tp, ep, reset_weights, tiny_models, tmp_path
 ) -> None:
     engine = reset_weights(name)
-    url = engine.endpoints[0].url
+    url, key = engine.endpoints[0].url, engine.endpoints[0].key
     results = run_on_ranks(
         _sync_all_transports,
         world_size=2,
-        args=(url, str(tiny_models[name]), str(tmp_path), tp, ep),
+        args=(url, key, str(tiny_models[name]), str(tmp_path), tp, ep),
         timeout=900,
     )[0]
     assert len(results) == 5
@@ -148,14 +148,15 @@ def test_killed_server_restarts_resyncs_and_rollout_completes(tiny_models, tmp_p
     assert r["after"]["sync/logprob_diff_max"] < 1e-4
 
 
-def _two_engines(rank, world, urls, model_dir):
-    from megatron_sapo.rollout.client import SGLangEngine
+def _two_engines(rank, world, urls, keys, model_dir):
+    from megatron_sapo.rollout.client import Endpoint, SGLangEngine
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
     from megatron_sapo.train.guard import check_weight_sync
 
     policy, config = _policy(model_dir, tp=1, ep=1)
     # request_batch=1: each probe is its own request, alternating between the two servers
-    engine = SGLangEngine(urls, model_path=model_dir, request_batch=1)
+    endpoints = [Endpoint(url, key) for url, key in zip(urls, keys, strict=True)]
+    engine = SGLangEngine(endpoints, model_path=model_dir, request_batch=1)
     out = {}
     for i, transport in enumerate(("distributed", "tensor")):
         _perturb(policy, seed=40 + i)
@@ -173,7 +174,10 @@ def test_two_servers_behind_one_client(sglang_servers, reset_weights, tiny_model
     with second:
         before = [s.log_path.read_text().count("Prefill batch") for s in (first, second)]
         r = run_on_ranks(
-            _two_engines, world_size=1, args=([first.url, second.url], str(tiny_models["dense"])), timeout=600
+            _two_engines,
+            world_size=1,
+            args=([first.url, second.url], [first.key, second.key], str(tiny_models["dense"])),
+            timeout=600,
         )[0]
         served = [s.log_path.read_text().count("Prefill batch") - b for s, b in zip((first, second), before)]
     assert all(m["sync/logprob_diff_max"] < 1e-4 for m in r.values()), r  # both servers got the weights
