@@ -15,7 +15,6 @@ the same cores, so the time ratios say little about a cluster; the token ratios 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -25,14 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_train_step import SEQ_MAX, VOCAB, bench_parser, random_samples  # this folder (sys.path[0])
+
 from megatron_sapo.utils.spawn import run_on_ranks
 
-VOCAB, SEQ_MAX = 512, 128
 LAYOUTS = [("scatter", 1), ("scatter", 2), ("scatter", 4), ("replicated", 2), ("replicated", 4)]
 
 
 def _bench(rank: int, world_size: int, mode: str, args: dict) -> dict:
-    from megatron_sapo.megatron.batching import Sample
     from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
     from megatron_sapo.train.loop import _update_policy
@@ -53,14 +52,7 @@ def _bench(rank: int, world_size: int, mode: str, args: dict) -> dict:
     engine.model[0].module.embedding.word_embeddings.register_forward_pre_hook(
         lambda _, inputs: seen.__setitem__(0, seen[0] + int((inputs[0] != 0).sum()))
     )
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(args["samples"]):
-        length = int(torch.randint(48, SEQ_MAX + 1, (1,), generator=generator))
-        tokens = torch.randint(1, VOCAB, (length,), generator=generator)  # 0 is padding: not counted
-        samples.append(
-            Sample(tokens, response_start=16, advantage=float(torch.randn((), generator=generator)))
-        )
+    samples = random_samples(args["samples"], first_token=1)  # 0 is padding: not counted
 
     def step() -> None:
         if mode == "scatter":
@@ -79,13 +71,7 @@ def _bench(rank: int, world_size: int, mode: str, args: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--mini-batches", type=int, default=2)
-    parser.add_argument("--budget", type=int, default=1024, help="micro-batch token budget")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="split over ranks")
-    args = vars(parser.parse_args())
+    args = vars(bench_parser(__doc__).parse_args())
     print(
         f"samples={args['samples']} (48-{SEQ_MAX} tokens) mini_batches={args['mini_batches']} "
         f"budget={args['budget']} reps={args['reps']} threads={args['threads']} vocab={VOCAB} "

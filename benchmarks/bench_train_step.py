@@ -35,10 +35,36 @@ LAYOUTS = [  # (model, name, world size, parallel sizes)
 ]
 
 
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the CPU policy-update benchmarks (this file and bench_scaling.py)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--mini-batches", type=int, default=2)
+    parser.add_argument("--budget", type=int, default=1024, help="micro-batch token budget")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="split over ranks")
+    return parser
+
+
+def random_samples(count: int, *, first_token: int = 0) -> list:
+    """`count` seeded `Sample`s of 48–SEQ_MAX tokens drawn from [first_token, VOCAB), response from 16."""
+    from megatron_sapo.megatron.batching import Sample
+
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(count):
+        length = int(torch.randint(48, SEQ_MAX + 1, (1,), generator=generator))
+        tokens = torch.randint(first_token, VOCAB, (length,), generator=generator)
+        samples.append(
+            Sample(tokens, response_start=16, advantage=float(torch.randn((), generator=generator)))
+        )
+    return samples
+
+
 def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -> dict:
     from megatron.core import parallel_state
 
-    from megatron_sapo.megatron.batching import Sample, shard_for_data_parallel
+    from megatron_sapo.megatron.batching import shard_for_data_parallel
     from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
 
@@ -58,14 +84,7 @@ def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -
         OptimConfig(lr=1e-4),
         LossConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["budget"]),
     )
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(args["samples"]):
-        length = int(torch.randint(48, SEQ_MAX + 1, (1,), generator=generator))
-        tokens = torch.randint(0, VOCAB, (length,), generator=generator)
-        samples.append(
-            Sample(tokens, response_start=16, advantage=float(torch.randn((), generator=generator)))
-        )
+    samples = random_samples(args["samples"])
     local = shard_for_data_parallel(
         samples,
         mini_batches=args["mini_batches"],
@@ -78,13 +97,7 @@ def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--mini-batches", type=int, default=2)
-    parser.add_argument("--budget", type=int, default=1024, help="micro-batch token budget")
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="split over ranks")
-    args = vars(parser.parse_args())
+    args = vars(bench_parser(__doc__).parse_args())
     print(
         f"samples={args['samples']} (48-{SEQ_MAX} tokens) mini_batches={args['mini_batches']} "
         f"budget={args['budget']} reps={args['reps']} threads={args['threads']} vocab={VOCAB} "
