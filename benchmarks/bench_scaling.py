@@ -20,11 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_train_step import SEQ_MAX, VOCAB, bench_parser, random_samples  # this folder (sys.path[0])
+from bench_train_step import (  # this folder (sys.path[0])
+    SEQ_MAX,
+    VOCAB,
+    bench_parser,
+    random_samples,
+    tiny_engine,
+)
 
 from megatron_sapo.utils.spawn import run_on_ranks
 
@@ -32,22 +36,9 @@ LAYOUTS = [("scatter", 1), ("scatter", 2), ("scatter", 4), ("replicated", 2), ("
 
 
 def _bench(rank: int, world_size: int, mode: str, args: dict) -> dict:
-    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
-    from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
     from megatron_sapo.train.loop import _update_policy
 
-    torch.set_num_threads(max(1, args["threads"] // world_size))
-    init_megatron_cpu()
-    config = tiny_gpt_config(num_layers=4, hidden_size=64, ffn_hidden_size=128, kv_channels=16)
-
-    def provider(pre_process: bool, post_process: bool, vp_stage: int | None = None) -> torch.nn.Module:
-        return build_tiny_gpt(config, vocab_size=VOCAB, max_seq_len=SEQ_MAX)
-
-    engine = PolicyEngine(
-        provider,
-        OptimConfig(lr=1e-4),
-        LossConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["budget"]),
-    )
+    engine = tiny_engine(args, world_size)
     seen = [0]
     engine.model[0].module.embedding.word_embeddings.register_forward_pre_hook(
         lambda _, inputs: seen.__setitem__(0, seen[0] + int((inputs[0] != 0).sum()))

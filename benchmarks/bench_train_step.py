@@ -61,15 +61,14 @@ def random_samples(count: int, *, first_token: int = 0) -> list:
     return samples
 
 
-def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -> dict:
-    from megatron.core import parallel_state
-
-    from megatron_sapo.megatron.batching import shard_for_data_parallel
+def tiny_engine(args: dict, world_size: int, model: str = "dense", parallel: dict | None = None):
+    """This rank's `PolicyEngine` of the 4-layer tiny GPT ("dense" or "moe": 4 experts top-2) under
+    `parallel` sizes, torch threads split over the `world_size` processes (inside `run_on_ranks`)."""
     from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.testing import build_tiny_gpt, init_megatron_cpu, tiny_gpt_config
 
     torch.set_num_threads(max(1, args["threads"] // world_size))
-    init_megatron_cpu(**parallel)
+    init_megatron_cpu(**(parallel or {}))
     config = tiny_gpt_config(
         num_layers=4, hidden_size=64, ffn_hidden_size=128, kv_channels=16,
         num_moe_experts=4 if model == "moe" else None,
@@ -79,11 +78,19 @@ def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -
         # No virtual PP here: build_tiny_gpt derives the same pre/post flags from parallel_state.
         return build_tiny_gpt(config, vocab_size=VOCAB, max_seq_len=SEQ_MAX)
 
-    engine = PolicyEngine(
+    return PolicyEngine(
         provider,
         OptimConfig(lr=1e-4),
         LossConfig(mini_batches=args["mini_batches"], micro_batch_tokens=args["budget"]),
     )
+
+
+def _bench(rank: int, world_size: int, model: str, parallel: dict, args: dict) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_sapo.megatron.batching import shard_for_data_parallel
+
+    engine = tiny_engine(args, world_size, model, parallel)
     samples = random_samples(args["samples"])
     local = shard_for_data_parallel(
         samples,
