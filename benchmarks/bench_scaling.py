@@ -11,6 +11,8 @@ step time and its ratio to DP1. On a 2-core machine shared with other jobs the p
 the same cores, so the time ratios say little about a cluster; the token ratios are exact.
 
     python benchmarks/bench_scaling.py --reps 3
+
+Weight sync at PP 1/2/4 (bytes per stage, through rank 0, seconds): `python benchmarks/bench_weight_sync.py --pp 1 2 4`.
 """
 
 from __future__ import annotations

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_weight_sync.py                       # ~0.7 GB fp32 Qwen3, TP=1 trainer, CPU
     python benchmarks/bench_weight_sync.py --tp 2 --hidden 768   # smaller model, TP=2 trainer
+    python benchmarks/bench_weight_sync.py --pp 1 2 4            # pipeline stages sending in parallel
+
+`--pp`: the same model at PP1, PP2 and PP4 (1, 2, 4 processes), per transport: bytes each stage sent,
+bytes through global rank 0, seconds; against "via rank 0" (what the sync did before every stage sent
+its own share: the export sends every stage's tensors to rank 0, which alone pushes them), measured in
+the same run on the same server. Every sync carries changed weights, and the guard checks the last one.
 
 A random dense Qwen3 is written as an HF checkpoint, served by one SGLang server (CPU flags here, GPU
 flags when CUDA is present) and loaded into a megatron policy (gloo ranks on CPU). Each transport syncs
@@ -30,20 +36,27 @@ from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 TRANSPORTS = ("disk", "tensor", "distributed")
 
 
-def _bench(rank, world, url, key, model_dir, disk_dir, tp, repeats, bucket_mib):
+def _setup(rank: int, url: str, key, model_dir: str, **layout):
+    """The policy loaded from `model_dir` at `layout` (tp=, pp=), its HF config, and (rank 0) the engine."""
     from megatron_sapo.bridge.load import load_hf_weights
     from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
     from megatron_sapo.rollout.client import Endpoint, SGLangEngine
-    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
-    from megatron_sapo.train.guard import check_weight_sync
 
-    init_megatron_cpu(tp=tp)
+    init_megatron_cpu(**layout)
     config = AutoConfig.from_pretrained(model_dir)
     policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), LossConfig())
     load_hf_weights(policy.model, config, model_dir)
     engine = SGLangEngine([Endpoint(url, key)], model_path=model_dir) if rank == 0 else None
+    return policy, config, engine
+
+
+def _bench(rank, world, url, key, model_dir, disk_dir, tp, repeats, bucket_mib):
+    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import check_weight_sync
+
+    policy, config, engine = _setup(rank, url, key, model_dir, tp=tp)
     out = {}
     for transport in TRANSPORTS:
         cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=bucket_mib << 20)
@@ -64,6 +77,108 @@ def _bench(rank, world, url, key, model_dir, disk_dir, tp, repeats, bucket_mib):
     return out
 
 
+def _via_rank0(sync, version: str) -> tuple[float, list[int]]:
+    """The sync before parallel export (baseline): every stage's tensors to rank 0, which pushes them."""
+    import torch.distributed as dist
+
+    from megatron_sapo.bridge import export_hf_weights
+
+    start = time.perf_counter()
+    buckets = export_hf_weights(sync.model, sync.hf_config, bucket_bytes=sync.config.bucket_bytes)
+    received = 0
+    if dist.get_rank() != 0:
+        for _ in buckets:
+            pass
+    else:
+        up = sync._updater
+        up.begin()
+        for bucket in buckets:
+            received += sum(t.numel() * t.element_size() for _, t in bucket)
+            if sync.config.transport == "tensor":
+                up.load_tensors(bucket)
+            else:  # on stage 0's update group (every server is in it)
+                up.group_name = sync._names[0]
+                up.broadcast(bucket, sync._group)
+            del bucket
+        up.end()
+        up.finish(version)
+    dist.barrier()
+    return time.perf_counter() - start, [received]
+
+
+@torch.no_grad()
+def _nudge(policy, seed: int) -> None:
+    """Change every weight a little (same seed on every rank: replicated parameters stay identical)."""
+    g = torch.Generator().manual_seed(seed)
+    for chunk in policy.model:
+        for p in chunk.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+
+
+def _bench_pp(rank, world, url, key, model_dir, disk_dir, repeats, bucket_mib):
+    import torch.distributed as dist
+
+    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import check_weight_sync
+
+    policy, config, engine = _setup(rank, url, key, model_dir, pp=world)
+    out = {}
+    for transport in ("tensor", "distributed", "disk"):
+        cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=bucket_mib << 20)
+        sync = WeightSync(engine, policy.model, config, cfg)
+        modes = ["parallel"] + (["via rank 0"] if transport != "disk" and world > 1 else [])
+        for mode in modes:
+            runs = []
+            for i in range(repeats + 1):  # the first one makes the update groups: not timed
+                _nudge(policy, seed=i)  # every sync carries new weights: the guard below sees a stale engine
+                dist.barrier()
+                if mode == "parallel":
+                    start = time.perf_counter()
+                    sync.sync(version=f"{transport}-{i}")
+                    dist.barrier()
+                    runs.append((time.perf_counter() - start, list(sync.stage_bytes)))
+                else:
+                    runs.append(_via_rank0(sync, f"{transport}-r0-{i}"))
+            version = f"{transport}-{repeats}" if mode == "parallel" else f"{transport}-r0-{repeats}"
+            guard = check_weight_sync(engine, policy, [[5, 6, 7], [8, 9]], version=version)
+            per_stage = runs[-1][1]
+            out[(transport, mode)] = {
+                "seconds": statistics.median(t for t, _ in runs[1:]),
+                "stage_bytes": per_stage,
+                "rank0_bytes": per_stage[0],
+                "logprob_diff_max": guard.get("sync/logprob_diff_max"),
+            }
+    return out
+
+
+def _pp_sweep(args, server, model_dir, work) -> None:
+    print(
+        f"{'PP':>2} {'transport':<12} {'mode':<11} {'seconds':>8} {'vs rank 0':>9} {'rank 0 MB':>13}  "
+        "MB sent per stage  max|dlogp|"
+    )
+    for pp in args.pp:
+        res = run_on_ranks(
+            _bench_pp,
+            world_size=pp,
+            args=(
+                server.url,
+                server.key,
+                str(model_dir),
+                str(work / f"disk{pp}"),
+                args.repeats,
+                args.bucket_mib,
+            ),
+            timeout=1800,
+        )[0]
+        for (transport, mode), r in res.items():
+            base = res.get((transport, "via rank 0"), r)["seconds"]
+            stages = " ".join(f"{b / 1e6:.0f}" for b in r["stage_bytes"])
+            print(
+                f"{pp:>2} {transport:<12} {mode:<11} {r['seconds']:8.2f} {base / r['seconds']:8.2f}x "
+                f"{r['rank0_bytes'] / 1e6:13.0f}  {stages:<17}  {r['logprob_diff_max']:.1e}"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
@@ -72,6 +187,9 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bucket-mib", type=int, default=512)
+    p.add_argument(
+        "--pp", type=int, nargs="+", help="pipeline sizes to sweep (one process per stage) instead of --tp"
+    )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_sync-"))
     config = Qwen3Config(
@@ -91,6 +209,15 @@ def main() -> None:
     t0 = time.perf_counter()
     server.start()
     start_s = time.perf_counter() - t0
+    if args.pp:
+        print(
+            f"model: dense Qwen3, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, fp32, {device}"
+        )
+        try:
+            _pp_sweep(args, server, model_dir, work)
+        finally:
+            server.stop()
+        return
     try:
         res = run_on_ranks(
             _bench,

@@ -164,6 +164,29 @@ def plan_buckets(units: Sequence[Sequence[TensorMeta]], bucket_bytes: int) -> li
     return starts
 
 
+def own_stage_plan(
+    model: Any,
+    hf_config: Any,
+    *,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    groups: ParallelGroups | None = None,
+) -> list[list[TensorMeta]]:
+    """The buckets (name, shape, dtype of each tensor, in order) that `export_hf_weights(own_stage=True)`
+    yields on this rank, without gathering anything (no collectives): what a receiver must expect."""
+    groups = groups or ParallelGroups.from_parallel_state()
+    table = mapping_table(hf_config)
+    units = [
+        lp for lp in local_parameters(model_chunks(model), table, groups) if lp.mapping.exported(table.dims)
+    ]
+    metas = [_unit_meta(lp, table, groups) for lp in units]
+    buckets: list[list[TensorMeta]] = [[]]
+    for new, meta in zip(plan_buckets(metas, bucket_bytes), (m for unit in metas for m in unit), strict=True):
+        if new:
+            buckets.append([])
+        buckets[-1].append(meta)
+    return [b for b in buckets if b]
+
+
 def export_hf_weights(
     model: Any,
     hf_config: Any,
@@ -171,13 +194,21 @@ def export_hf_weights(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     dst_ranks: Sequence[int] = (0,),
     groups: ParallelGroups | None = None,
+    own_stage: bool = False,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield buckets of `(hf_name, full_tensor)`; only global ranks in `dst_ranks` get non-empty ones.
 
     `model`: a GPTModel or list of virtual-pipeline chunks, any TP/PP/EP/DP layout. `bucket_bytes`:
     bound on one bucket's bytes (a single larger tensor travels alone). `groups`: default megatron's
     parallel state. Every rank must exhaust the generator (it runs collectives).
+
+    `own_stage=True`: every rank gets the tensors of its own pipeline stage only (`dst_ranks` is
+    ignored); the collectives stay inside the stage (TP and EP groups), so the stages export at the same
+    time and nothing crosses between them — the parallel weight sync, where one rank per stage sends.
+    Every rank of one stage yields the same buckets; different stages yield different counts.
     """
+    if own_stage:
+        dst_ranks = (dist.get_rank(),)
     if bucket_bytes <= 0 or not dst_ranks:
         raise ValueError(
             f"bucket_bytes must be > 0 and dst_ranks non-empty (got {bucket_bytes}, {dst_ranks})"
@@ -190,7 +221,9 @@ def export_hf_weights(
 
     pp_ranks, my_stage, me = group_ranks(groups.pp), group_rank(groups.pp), dist.get_rank()
     metas_by_stage: list[Any] = [stage_meta]
-    if len(pp_ranks) > 1:
+    if own_stage:
+        pp_ranks, my_stage = [me], 0
+    elif len(pp_ranks) > 1:
         metas_by_stage = [None] * len(pp_ranks)
         dist.all_gather_object(metas_by_stage, stage_meta, group=groups.pp)
     flat = [meta for stage in metas_by_stage for unit in stage for meta in unit]

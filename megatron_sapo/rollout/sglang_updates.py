@@ -1,10 +1,12 @@
 """The engine side of a weight update on SGLang servers: one method per transport, all validated first.
 
-    up = SGLangWeightUpdater(engine)
+    up = SGLangWeightUpdater(engine)                     # every server (or endpoints=[...]: some)
     up.begin()                                           # /begin_weight_update on every server
     up.load_tensors(bucket)                               # colocated: shared memory / CUDA IPC handles
-    pg = up.init_group("10.0.0.1", port, backend="gloo")  # once; trainer rank 0 is rank 0 of `pg`
-    up.broadcast(bucket, pg)                              # names/shapes over HTTP, bytes over `pg`
+    up.request_join(endpoint, address=..., port=..., group_name=g, backend="gloo")  # each server, while
+    pg = new_external_group(address, port, world_size=1 + sum(up.tp_sizes), ...)     # the sender joins
+    up.request_receive(endpoint, metas, g)                # each server; the sender broadcasts on `pg`
+    up.broadcast(bucket, pg)                              # or both at once, from the sender's process
     up.end()
     up.finish("7")                                        # after the last bucket: version + cache flush
     up.load_disk("/ckpt/hf-step7", version="7")           # fallback: the servers read the files
@@ -13,7 +15,9 @@ Every bucket is checked against the served checkpoint's names, shapes and dtypes
 (SGLang accepts unknown names silently — e.g. transformers-5 fused expert names — and a malformed
 payload can kill its scheduler). A bucket travels as SGLang's "flattened_bucket": one byte buffer plus
 (name, dtype, shape, offsets) per tensor, so one shared-memory segment / one broadcast per bucket.
-Trainer-side orchestration (export, buckets, versions) is `rollout/weight_sync.py`.
+Any trainer rank may run one (the weight sync gives every pipeline stage's sender its own, with one
+group per server); begin/end/finish are rank 0's. Trainer-side orchestration (export, buckets,
+versions, retries) is `rollout/weight_sync.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import base64
 import io
 import logging
 import threading
-import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from multiprocessing.reduction import ForkingPickler
@@ -59,14 +62,18 @@ class WeightManifest:
         return cls({name: (h.shape, DTYPES.get(h.dtype)) for name, h in headers.items()}, str(path))
 
     def check(self, bucket: Bucket) -> None:
+        self.check_metas([(name, tuple(t.shape), t.dtype) for name, t in bucket])
+
+    def check_metas(self, metas: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """`check` from names, shapes and dtypes alone (a plan of buckets not exported yet)."""
         problems = []
-        for name, tensor in bucket:
+        for name, shape, dtype in metas:
             if name not in self.entries:
                 problems.append(f"{name}: not a tensor of the served checkpoint")
-            elif tuple(tensor.shape) != self.entries[name][0]:
-                problems.append(f"{name}: shape {tuple(tensor.shape)}, server has {self.entries[name][0]}")
-            elif not tensor.is_floating_point():
-                problems.append(f"{name}: dtype {tensor.dtype} is not floating point")
+            elif tuple(shape) != self.entries[name][0]:
+                problems.append(f"{name}: shape {tuple(shape)}, server has {self.entries[name][0]}")
+            elif not dtype.is_floating_point:
+                problems.append(f"{name}: dtype {dtype} is not floating point")
         if problems:
             raise RolloutError(
                 f"weight update rejected before sending ({len(problems)} problems vs {self.where}): "
@@ -74,12 +81,16 @@ class WeightManifest:
             )
 
 
-def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]:
-    """One uint8 buffer holding every tensor's bytes back to back, in SGLang's flattened_bucket layout.
+def flat_order(items: Sequence[Any], dtype_of: Any) -> list[Any]:
+    """The order of tensors in a flattened bucket: wider dtypes first (stable), so every tensor starts at
+    a multiple of its item size (SGLang checks it)."""
+    return sorted(items, key=lambda item: -dtype_of(item).itemsize)
 
-    Wider dtypes first, so every tensor starts at a multiple of its item size (SGLang checks it).
-    """
-    ordered = sorted(bucket, key=lambda nt: -nt[1].element_size())
+
+def flatten_bucket(bucket: Bucket) -> tuple[torch.Tensor, list[SimpleNamespace]]:
+    """One uint8 buffer holding every tensor's bytes back to back, in SGLang's flattened_bucket layout
+    (`flat_order`)."""
+    ordered = flat_order(bucket, lambda nt: nt[1].dtype)
     total = sum(t.numel() * t.element_size() for _, t in ordered)
     flat = torch.empty(total, dtype=torch.uint8, device=ordered[0][1].device if ordered else "cpu")
     metadata, offset = [], 0
@@ -110,16 +121,23 @@ def _serialize(obj: Any) -> str:
 
 
 class SGLangWeightUpdater:
-    """Weight-update calls to every server of an `SGLangEngine` (run on the trainer's rank 0 only)."""
+    """Weight-update calls to the servers of an `SGLangEngine` (all, or the `endpoints` given)."""
 
-    def __init__(self, engine: SGLangEngine, *, group_name: str = "megatron_sapo_weights") -> None:
-        """`group_name`: prefix of the weight-update process groups (a fresh suffix per `init_group`)."""
+    def __init__(
+        self,
+        engine: SGLangEngine,
+        *,
+        group_name: str = "megatron_sapo_weights",
+        endpoints: Sequence[Endpoint] | None = None,
+        manifest: WeightManifest | None = None,
+    ) -> None:
+        """`group_name`: the update group `broadcast` uses. `endpoints`: the servers this updater talks
+        to (default: all of the engine's)."""
         self.engine = engine
-        self.group_prefix = group_name
+        self.endpoints = list(engine.endpoints if endpoints is None else endpoints)
         self.group_name = group_name
-        self._groups_made = 0
-        self.manifest = WeightManifest.from_hf_dir(engine.model_path)
-        self.tp_sizes = [self._tp_size(e) for e in engine.endpoints]
+        self.manifest = manifest or WeightManifest.from_hf_dir(engine.model_path)
+        self.tp_sizes = [self._tp_size(e) for e in self.endpoints]
 
     def _tp_size(self, endpoint: Endpoint) -> int:
         if endpoint.server is not None:
@@ -127,7 +145,7 @@ class SGLangWeightUpdater:
         return int(self.engine.request(endpoint, "GET", "/server_info").get("tp_size", 1))
 
     def _post_all(self, path: str, payload: dict | None = None) -> None:
-        for endpoint in self.engine.endpoints:
+        for endpoint in self.endpoints:
             out = self.engine.request(endpoint, "POST", path, payload or {}, retry=False)
             if isinstance(out, dict) and out.get("success") is False:
                 raise RolloutError(f"SGLang {endpoint.url}{path} failed: {out.get('message')}")
@@ -151,7 +169,7 @@ class SGLangWeightUpdater:
             return
         flat, metadata = flatten_bucket(bucket)
         payload_one = _serialize({"flattened_tensor": flat, "metadata": metadata})
-        for endpoint, tp in zip(self.engine.endpoints, self.tp_sizes, strict=True):
+        for endpoint, tp in zip(self.endpoints, self.tp_sizes, strict=True):
             self.engine.request(
                 endpoint,
                 "POST",
@@ -165,74 +183,16 @@ class SGLangWeightUpdater:
             )
         del flat  # the servers copied it into their parameters; the shared segment goes with it
 
-    def init_group(self, master_address: str, master_port: int, *, backend: str) -> dist.ProcessGroup:
-        """A process group of trainer rank 0 (rank 0) and every server's TP ranks (1..)."""
-        # torch refuses a second group of the same name in one process, on either side: a server keeps
-        # the groups of earlier trainers (and of this one before a restart), so every name is new.
-        self._groups_made += 1
-        self.group_name = f"{self.group_prefix}-{uuid.uuid4().hex[:8]}-{self._groups_made}"
-        world = 1 + sum(self.tp_sizes)
-        offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.tp_sizes))]
-        errors: list[Exception] = []
-
-        def ask(endpoint: Endpoint, offset: int) -> None:
-            try:
-                self.engine.request(
-                    endpoint,
-                    "POST",
-                    "/init_weights_update_group",
-                    {
-                        "master_address": master_address,
-                        "master_port": master_port,
-                        "rank_offset": offset,
-                        "world_size": world,
-                        "group_name": self.group_name,
-                        "backend": backend,
-                    },
-                    retry=False,
-                )
-            except Exception as exc:  # surfaced below, after our side of the rendezvous
-                errors.append(exc)
-
-        threads = [
-            threading.Thread(target=ask, args=(e, o), daemon=True)
-            for e, o in zip(self.engine.endpoints, offsets, strict=True)
-        ]
-        made: list[dist.ProcessGroup] = []
-
-        def join_ours() -> None:
-            try:
-                made.append(
-                    new_external_group(
-                        master_address,
-                        master_port,
-                        world_size=world,
-                        backend=backend,
-                        group_name=self.group_name,
-                    )
-                )
-            except Exception as exc:
-                errors.append(exc)
-
-        ours = threading.Thread(target=join_ours, daemon=True)
-        for t in [*threads, ours]:
-            t.start()
-        # A server that refuses (its answer comes back at once) would leave our rendezvous waiting for
-        # it until the store times out: watch for errors instead of blocking on the rendezvous.
-        while ours.is_alive() and not errors:
-            ours.join(0.2)
-        for t in threads:
-            t.join(0 if errors else None)
-        if errors:
-            raise RolloutError(f"init_weights_update_group failed: {errors[0]}")
-        return made[0]
-
     def broadcast(self, bucket: Bucket, group: dist.ProcessGroup) -> None:
         """Distributed transport: names/shapes over HTTP while the bytes go over `group` (one broadcast)."""
         self.manifest.check(bucket)
-        if not bucket:
-            return
-        flat, metadata = flatten_bucket(bucket)
+        if bucket:
+            self.broadcast_flat(*flatten_bucket(bucket), group)
+
+    def broadcast_flat(
+        self, flat: torch.Tensor, metadata: list[SimpleNamespace], group: dist.ProcessGroup
+    ) -> None:
+        """`broadcast` of a bucket already checked and flattened (one buffer for several updaters)."""
         payload = {
             "names": [m.name for m in metadata],
             "dtypes": [str(m.dtype).removeprefix("torch.") for m in metadata],
@@ -251,7 +211,7 @@ class SGLangWeightUpdater:
             except Exception as exc:
                 errors.append(exc)
 
-        threads = [threading.Thread(target=post, args=(e,), daemon=True) for e in self.engine.endpoints]
+        threads = [threading.Thread(target=post, args=(e,), daemon=True) for e in self.endpoints]
         for t in threads:
             t.start()
         dist.broadcast(flat, src=0, group=group)
@@ -260,13 +220,55 @@ class SGLangWeightUpdater:
         if errors:
             raise RolloutError(f"update_weights_from_distributed failed: {errors[0]}")
 
-    def destroy_group(self) -> None:
-        self._post_all("/destroy_weights_update_group", {"group_name": self.group_name})
+    def request_join(
+        self, endpoint: Endpoint, *, address: str, port: int, group_name: str, backend: str
+    ) -> None:
+        """Ask one server to join `group_name`, whose rank 0 (a sender on any trainer rank) listens at
+        `address:port`, with every server of this updater in it (ranks 1.. in endpoint order). Returns
+        when the group is formed, so the sender must be joining at the same time."""
+        index = self.endpoints.index(endpoint)
+        self.engine.request(
+            endpoint,
+            "POST",
+            "/init_weights_update_group",
+            {
+                "master_address": address,
+                "master_port": port,
+                "rank_offset": 1 + sum(self.tp_sizes[:index]),
+                "world_size": 1 + sum(self.tp_sizes),
+                "group_name": group_name,
+                "backend": backend,
+            },
+            retry=False,
+        )
+
+    def request_receive(
+        self, endpoint: Endpoint, metas: Sequence[tuple[str, tuple[int, ...], torch.dtype]], group_name: str
+    ) -> None:
+        """Ask one server to receive one flattened bucket (`metas` in export order) broadcast on
+        `group_name` by its sender; returns when the server has loaded it."""
+        ordered = flat_order(metas, lambda m: m[2])
+        out = self.engine.request(
+            endpoint,
+            "POST",
+            "/update_weights_from_distributed",
+            {
+                "names": [m[0] for m in ordered],
+                "dtypes": [str(m[2]).removeprefix("torch.") for m in ordered],
+                "shapes": [list(m[1]) for m in ordered],
+                "group_name": group_name,
+                "load_format": "flattened_bucket",
+                "flush_cache": False,  # once, in `finish`
+            },
+            retry=False,
+        )
+        if isinstance(out, dict) and out.get("success") is False:
+            raise RolloutError(f"SGLang {endpoint.url} update_weights_from_distributed: {out.get('message')}")
 
     def load_disk(self, model_dir: str | Path, *, version: str) -> None:
         """Disk transport: every server reloads from `model_dir`; a restarted server starts from it too."""
         WeightManifest.from_hf_dir(model_dir)  # readable safetensors before asking the servers
-        for endpoint in self.engine.endpoints:
+        for endpoint in self.endpoints:
             self.engine.request(
                 endpoint,
                 "POST",

@@ -164,3 +164,69 @@ def test_import_logits_export_round_trip_and_buckets(layout: str, checkpoints: d
                 assert sum(sizes_in_bucket) <= BUCKET_BYTES or len(sizes_in_bucket) == 1, sizes_in_bucket
             assert any(len(b) == 1 and b[0] > BUCKET_BYTES for b in result["buckets"])  # oversized alone
         assert len({len(r["buckets"]) for r in results}) == 1  # every rank yields in lockstep
+
+
+# own-stage export (the parallel weight sync): layout -> (world size, parallel sizes, models)
+STAGE_LAYOUTS = {
+    "pp4": (4, dict(pp=4), ["qwen3-untied", "qwen3moe-v129"]),
+    "tp2-pp2": (4, dict(tp=2, pp=2), ["qwen3-untied"]),
+}
+
+
+def _stage_of(name: str, num_layers: int, pp: int) -> int:
+    """Independent reference: which pipeline stage holds an HF tensor (even layer split, megatron's
+    default: embeddings on the first stage, final norm and output layer on the last)."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) // (num_layers // pp)
+    return 0 if name.startswith("model.embed_tokens.") else pp - 1
+
+
+def _own_stage_fn(rank: int, world_size: int, layout: str, paths: dict[str, str]) -> dict:
+    from megatron.core import parallel_state as ps
+    from transformers import AutoConfig
+
+    from megatron_sapo.bridge import export_hf_weights, load_hf_weights
+    from megatron_sapo.megatron.models import build_gpt_model
+    from megatron_sapo.megatron.testing import init_megatron_cpu
+
+    _, sizes, models = STAGE_LAYOUTS[layout]
+    init_megatron_cpu(**sizes)
+    results = {}
+    for name in models:
+        hf_config = AutoConfig.from_pretrained(paths[name])
+        chunks = [build_gpt_model(hf_config).eval()]
+        load_hf_weights(chunks, hf_config, paths[name])
+        exported, buckets = {}, []
+        for bucket in export_hf_weights(chunks, hf_config, bucket_bytes=BUCKET_BYTES, own_stage=True):
+            buckets.append([t.numel() * t.element_size() for _, t in bucket])
+            exported.update((n, t.clone()) for n, t in bucket)
+        results[name] = dict(stage=ps.get_pipeline_model_parallel_rank(), exported=exported, buckets=buckets)
+    return results
+
+
+@pytest.mark.parametrize("layout", sorted(STAGE_LAYOUTS))
+def test_own_stage_export_gives_each_stage_exactly_its_share(layout: str, checkpoints: dict) -> None:
+    """Every rank of stage s gets exactly the checkpoint tensors stage s holds (bit-exact), no other;
+    the stages together give the whole checkpoint once; buckets stay within the limit."""
+    world_size, sizes, models = STAGE_LAYOUTS[layout]
+    pp = sizes["pp"]
+    paths = {name: checkpoints[name]["path"] for name in models}
+    per_rank = run_on_ranks(_own_stage_fn, world_size=world_size, args=(layout, paths), timeout=600)
+    for name in models:
+        state = checkpoints[name]["state"]
+        num_layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+        share = {s: {k for k in state if _stage_of(k, num_layers, pp) == s} for s in range(pp)}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        stage_bytes = {}
+        for rank, result in enumerate(r[name] for r in per_rank):
+            exported, stage = result["exported"], result["stage"]
+            assert set(exported) == share[stage], f"{layout} {name} rank {rank} stage {stage}"
+            for key, tensor in exported.items():
+                assert torch.equal(tensor, state[key]), key
+            for sizes_in_bucket in result["buckets"]:
+                assert sum(sizes_in_bucket) <= BUCKET_BYTES or len(sizes_in_bucket) == 1, sizes_in_bucket
+            stage_bytes[stage] = sum(map(sum, result["buckets"]))
+        assert sorted(stage_bytes) == list(range(pp))
+        assert sum(stage_bytes.values()) == total  # the stages together: the model, once
+        # what global rank 0 (stage 0) carries: its own stage only, about 1/PP of the layers' bytes
+        assert stage_bytes[0] == sum(state[k].numel() * state[k].element_size() for k in share[0]) < total

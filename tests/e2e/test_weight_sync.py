@@ -23,7 +23,7 @@ PROBES = [[5, 6, 7], [8, 9, 10, 11], [20, 21], [30, 31, 32, 33, 34]]
 TRANSPORTS = ("tensor", "distributed", "disk")
 
 
-def _policy(model_dir: str, *, tp: int, ep: int):
+def _policy(model_dir: str, *, tp: int, ep: int, pp: int = 1):
     from transformers import AutoConfig
 
     from megatron_sapo.bridge.load import load_hf_weights
@@ -31,7 +31,7 @@ def _policy(model_dir: str, *, tp: int, ep: int):
     from megatron_sapo.megatron.models import build_gpt_model
     from megatron_sapo.megatron.testing import init_megatron_cpu
 
-    init_megatron_cpu(tp=tp, ep=ep)
+    init_megatron_cpu(tp=tp, ep=ep, pp=pp)
     config = AutoConfig.from_pretrained(model_dir)
     policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(lr=1e-3), LossConfig())
     load_hf_weights(policy.model, config, model_dir)
@@ -47,13 +47,13 @@ def _perturb(policy, seed: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
-def _sync_all_transports(rank, world, url, key, model_dir, disk_dir, tp, ep):
+def _sync_all_transports(rank, world, url, key, model_dir, disk_dir, tp, ep, pp):
     from megatron_sapo.rollout.client import Endpoint, SGLangEngine
     from megatron_sapo.rollout.hf_engine import TransformersEngine
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
     from megatron_sapo.train.guard import WeightSyncMismatch, check_weight_sync
 
-    policy, config = _policy(model_dir, tp=tp, ep=ep)
+    policy, config = _policy(model_dir, tp=tp, ep=ep, pp=pp)
     engines = {"sglang": SGLangEngine([Endpoint(url, key)], model_path=model_dir) if rank == 0 else None}
     engines["in-process"] = TransformersEngine(model_dir) if rank == 0 else None
     out = {}
@@ -68,31 +68,68 @@ def _sync_all_transports(rank, world, url, key, model_dir, disk_dir, tp, ep):
             except WeightSyncMismatch as exc:
                 stale = str(exc)
             cfg = WeightSyncConfig(transport=transport, disk_dir=f"{disk_dir}/{name}", bucket_bytes=32 << 10)
-            metrics = WeightSync(engine, policy.model, config, cfg).sync(version=f"v-{transport}")
+            sync = WeightSync(engine, policy.model, config, cfg)
+            metrics = sync.sync(version=f"v-{transport}")
             after = check_weight_sync(engine, policy, PROBES, version=f"v-{transport}", threshold=1e-4)
-            out[(name, transport)] = {"stale": stale, "bytes": metrics.get("sync/bytes"), **after}
+            out[(name, transport)] = {
+                "stale": stale,
+                "stage_bytes": sync.stage_bytes,
+                "senders": getattr(sync, "senders", [0]),
+                **metrics,
+                **after,
+            }
     return out
 
 
-@pytest.mark.parametrize("name,tp,ep", [("dense", 2, 1), ("moe", 1, 2)], ids=["dense-tp2", "moe-ep2"])
+def _stage_share(model_dir, pp: int) -> list[int]:
+    """Independent reference: bytes of the checkpoint's tensors each pipeline stage holds (even layer
+    split; embeddings on the first stage, final norm and output layer on the last)."""
+    from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
+
+    reader = SafetensorsReader(model_dir)
+    layers = 1 + max(int(n.split(".")[2]) for n in reader.names() if n.startswith("model.layers."))
+    share = [0] * pp
+    for name in reader.names():
+        header = reader.header(name)
+        nbytes = torch.Size(header.shape).numel() * DTYPES[header.dtype].itemsize
+        if name.startswith("model.layers."):
+            share[int(name.split(".")[2]) // (layers // pp)] += nbytes
+        else:
+            share[0 if name.startswith("model.embed_tokens.") else pp - 1] += nbytes
+    return share
+
+
+@pytest.mark.parametrize(
+    "name,tp,ep,pp",
+    [("dense", 2, 1, 1), ("moe", 1, 2, 1), ("dense", 1, 1, 2)],
+    ids=["dense-tp2", "moe-ep2", "dense-pp2"],
+)
 def test_every_transport_makes_engine_match_trainer(
-    name, tp, ep, reset_weights, tiny_models, tmp_path
+    name, tp, ep, pp, reset_weights, tiny_models, tmp_path
 ) -> None:
     engine = reset_weights(name)
     url, key = engine.endpoints[0].url, engine.endpoints[0].key
     results = run_on_ranks(
         _sync_all_transports,
         world_size=2,
-        args=(url, key, str(tiny_models[name]), str(tmp_path), tp, ep),
+        args=(url, key, str(tiny_models[name]), str(tmp_path), tp, ep, pp),
         timeout=900,
     )[0]
     assert len(results) == 5
-    for key, r in results.items():
+    share = _stage_share(tiny_models[name], pp)
+    for (engine_name, transport), r in results.items():
+        key = (engine_name, transport)
         # before the sync the guard must see the stale engine ...
         assert "differ after the weight sync" in r["stale"], (key, r["stale"])
         # ... after it, fp32 engine and trainer agree to float noise (bf16 tolerance would be ~1e-2)
         assert r["sync/logprob_diff_max"] < 1e-4, (key, r)
-        assert r["bytes"] > 0
+        assert r["sync/bytes"] == sum(share), (key, r["sync/bytes"], share)
+        if engine_name == "sglang":  # every stage sends its own share; rank 0 carries stage 0's only
+            assert r["stage_bytes"] == share, (key, r["stage_bytes"], share)
+            assert r["sync/bytes_rank0"] == share[0], key
+            assert r["senders"] == list(range(pp)), key  # stage s's lowest rank: rank s here
+        else:  # the in-process engine lives on rank 0: everything goes through it
+            assert r["sync/bytes_rank0"] == sum(share), key
 
 
 def _restart_mid_rollout(rank, world, model_dir, log_dir):
@@ -153,16 +190,16 @@ def _two_engines(rank, world, urls, keys, model_dir):
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
     from megatron_sapo.train.guard import check_weight_sync
 
-    policy, config = _policy(model_dir, tp=1, ep=1)
+    # PP 2: both stages send to both servers at once (the case where two stages could wait on each other)
+    policy, config = _policy(model_dir, tp=1, ep=1, pp=2)
     # request_batch=1: each probe is its own request, alternating between the two servers
     endpoints = [Endpoint(url, key) for url, key in zip(urls, keys, strict=True)]
-    engine = SGLangEngine(endpoints, model_path=model_dir, request_batch=1)
+    engine = SGLangEngine(endpoints, model_path=model_dir, request_batch=1) if rank == 0 else None
     out = {}
     for i, transport in enumerate(("distributed", "tensor")):
         _perturb(policy, seed=40 + i)
-        WeightSync(engine, policy.model, config, WeightSyncConfig(transport=transport)).sync(
-            version=transport
-        )
+        cfg = WeightSyncConfig(transport=transport, bucket_bytes=16 << 10)  # several buckets per stage
+        WeightSync(engine, policy.model, config, cfg).sync(version=transport)
         out[transport] = check_weight_sync(engine, policy, PROBES, version=transport, threshold=1e-4)
     return out
 
@@ -175,10 +212,67 @@ def test_two_servers_behind_one_client(sglang_servers, reset_weights, tiny_model
         before = [s.log_path.read_text().count("Prefill batch") for s in (first, second)]
         r = run_on_ranks(
             _two_engines,
-            world_size=1,
+            world_size=2,
             args=([first.url, second.url], [first.key, second.key], str(tiny_models["dense"])),
             timeout=600,
         )[0]
         served = [s.log_path.read_text().count("Prefill batch") - b for s, b in zip((first, second), before)]
     assert all(m["sync/logprob_diff_max"] < 1e-4 for m in r.values()), r  # both servers got the weights
     assert min(served) >= 2, served  # round-robin: each server answered probes of both checks
+
+
+def _server_dies_mid_sync(rank, world, model_dir, log_dir, disk_dir, transport):
+    import megatron_sapo.rollout.weight_sync as weight_sync
+    from megatron_sapo.rollout.client import SGLangEngine
+    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+    from megatron_sapo.train.guard import check_weight_sync
+
+    policy, config = _policy(model_dir, tp=1, ep=1, pp=2)
+    server = engine = None
+    if rank == 0:  # a server this rank launched: the sync may restart it
+        server = SGLangServer(ServerConfig(model_path=model_dir, log_dir=log_dir))
+        server.start()
+        engine = SGLangEngine([server])
+    try:
+        cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=16 << 10)
+        sync = WeightSync(engine, policy.model, config, cfg)
+        sync.resync_on_restart()
+        _perturb(policy, seed=7)
+        if rank == 0:  # kill the server once stage 0's first bucket is out (stage 1 sends at the same time)
+            export, killed = weight_sync.export_hf_weights, []
+
+            def killing_export(*args, **kwargs):
+                for i, bucket in enumerate(export(*args, **kwargs)):
+                    yield bucket
+                    if i == 0 and not killed:
+                        killed.append(server.kill())
+
+            weight_sync.export_hf_weights = killing_export
+        metrics = sync.sync(version="1")
+        after = check_weight_sync(engine, policy, PROBES, version="1", threshold=1e-4)
+        return {
+            "attempts": sync.attempts,
+            "restarts": server.restarts if server else None,
+            **metrics,
+            **after,
+        }
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_server_killed_during_sync_is_restarted_and_sync_redone_on_every_rank(
+    transport, tiny_models, tmp_path
+) -> None:
+    """PP2: both stages send at once; the server dies after stage 0's first bucket. Every rank sees the
+    failure, rank 0 restarts the server, both stages send again (fresh groups), and the served weights
+    are the trainer's."""
+    r = run_on_ranks(
+        _server_dies_mid_sync,
+        world_size=2,
+        args=(str(tiny_models["dense"]), str(tmp_path), str(tmp_path / "disk"), transport),
+        timeout=900,
+    )[0]
+    assert r["restarts"] == 1 and r["attempts"] == 2, r
+    assert r["sync/logprob_diff_max"] < 1e-4, r
