@@ -67,7 +67,9 @@ class EngineKey:
 
     @classmethod
     def generate(cls) -> EngineKey:
-        return cls(api=secrets.token_urlsafe(32), admin=secrets.token_urlsafe(32))
+        """Two fresh 256-bit keys in hex: SGLang turns its `--config` file back into command-line flags,
+        where a urlsafe key that starts with "-" reads as a flag ("--api-key: expected one argument")."""
+        return cls(api=secrets.token_hex(32), admin=secrets.token_hex(32))
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> EngineKey:

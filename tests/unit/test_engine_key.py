@@ -91,8 +91,24 @@ def test_each_route_gets_its_key() -> None:
 def test_generated_keys_are_fresh_and_never_printed() -> None:
     first, second = EngineKey.generate(), EngineKey.generate()
     assert len({first.api, first.admin, second.api, second.admin}) == 4
-    assert len(first.api) >= 40  # 32 random bytes, url-safe base64
+    assert len(first.api) == 64  # 32 random bytes in hex
     assert first.api not in repr(first) and first.admin not in f"{first}"
+
+
+def test_sglang_reads_every_generated_key_file(tmp_path: Path) -> None:
+    """SGLang turns the `--config` file back into flags: a key read as a flag (one starting with "-", as
+    1 in 32 urlsafe keys did) made the server exit at start. Its own parser must give the keys back."""
+    from sglang.srt.server_args import prepare_server_args
+
+    def parsed(key: EngineKey) -> tuple[str | None, str | None]:
+        args = prepare_server_args(["--model-path", "unused", "--config", str(key.save(tmp_path / "k.yaml"))])
+        return args.api_key, args.admin_api_key
+
+    with pytest.raises(SystemExit):  # the failure this guards against, shown on SGLang's parser
+        parsed(EngineKey(api="-starts-with-a-dash", admin="x"))
+    for _ in range(200):
+        key = EngineKey.generate()
+        assert parsed(key) == (key.api, key.admin)
 
 
 def test_keys_from_the_environment() -> None:
