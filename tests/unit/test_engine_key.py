@@ -95,20 +95,37 @@ def test_generated_keys_are_fresh_and_never_printed() -> None:
     assert first.api not in repr(first) and first.admin not in f"{first}"
 
 
+_PARSE_KEY_FILES = """
+import json, sys
+from sglang.srt.server_args import prepare_server_args
+out = []
+for path in sys.argv[1:]:
+    try:
+        args = prepare_server_args(["--model-path", "unused", "--config", path])
+        out.append([args.api_key, args.admin_api_key])
+    except SystemExit:
+        out.append(None)
+print(json.dumps(out))
+"""
+
+
 def test_sglang_reads_every_generated_key_file(tmp_path: Path) -> None:
     """SGLang turns the `--config` file back into flags: a key read as a flag (one starting with "-", as
-    1 in 32 urlsafe keys did) made the server exit at start. Its own parser must give the keys back."""
-    from sglang.srt.server_args import prepare_server_args
-
-    def parsed(key: EngineKey) -> tuple[str | None, str | None]:
-        args = prepare_server_args(["--model-path", "unused", "--config", str(key.save(tmp_path / "k.yaml"))])
-        return args.api_key, args.admin_api_key
-
-    with pytest.raises(SystemExit):  # the failure this guards against, shown on SGLang's parser
-        parsed(EngineKey(api="-starts-with-a-dash", admin="x"))
-    for _ in range(200):
-        key = EngineKey.generate()
-        assert parsed(key) == (key.api, key.admin)
+    1 in 32 urlsafe keys did) made the server exit at start. Its own parser (in a child process: importing
+    sglang pulls in IPython, which needs a stdin) must give every generated key back."""
+    keys = [EngineKey(api="-starts-with-a-dash", admin="x")] + [EngineKey.generate() for _ in range(200)]
+    paths = [str(key.save(tmp_path / f"k{i}.yaml")) for i, key in enumerate(keys)]
+    done = subprocess.run(
+        [sys.executable, "-c", _PARSE_KEY_FILES, *paths],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    parsed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert parsed[0] is None  # the failure this guards against, shown on SGLang's parser
+    assert parsed[1:] == [[key.api, key.admin] for key in keys[1:]]
 
 
 def test_keys_from_the_environment() -> None:
