@@ -75,7 +75,7 @@ install_set() { # item, probe (python import line), pip arguments...
     if imports "$probe"; then
         record "$item" present "import $probe works"
     elif ! pip_online; then
-        record "$item" missing "import $probe fails; no package index answers (carry wheels: --fetch-wheels)"
+        record "$item" missing "import $probe fails; no package index answers"
     elif "$PY" -m pip install "$@"; then
         if imports "$probe"; then record "$item" installed "pip install $*"; else record "$item" failed "installed, import $probe still fails"; fi
     else
@@ -106,7 +106,8 @@ phase_install() {
     base=$(grep -vE '^[[:space:]]*(#|$)|^torch==' requirements/base.txt | tr '\n' ' ')
     # shellcheck disable=SC2086  # one word per requirement
     install_set base "megatron.core, transformers, safetensors, yaml, pytest" $base pytest pytest-timeout
-    install_set transformer-engine "transformer_engine.pytorch" -r requirements/gpu.txt
+    # TE builds its torch extension against the installed torch (its install docs: no build isolation)
+    install_set transformer-engine "transformer_engine.pytorch" --no-build-isolation -r requirements/gpu.txt
     if imports sgl_kernel; then
         record sglang-cuda present "import sgl_kernel works"
     elif ! pip_online; then
