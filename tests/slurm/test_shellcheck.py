@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def shell_scripts() -> list[Path]:
     return sorted(
-        p for d in ("examples", "tools", "benchmarks") for ext in ("sh", "sbatch") for p in (ROOT / d).rglob(f"*.{ext}")
+        p
+        for d in ("examples", "tools", "benchmarks")
+        for ext in ("sh", "sbatch")
+        for p in (ROOT / d).rglob(f"*.{ext}")
     )
 
 
