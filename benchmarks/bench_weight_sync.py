@@ -265,7 +265,7 @@ def main() -> None:
     disk = res["disk"]["s_per_gb"]
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else ""
     print(
-        f"model {res['disk']['gb']:.2f} GB {dtype}, trainer TP={args.tp}, {device} {gpu}, "
+        f"model {res['disk']['gb']:.2f} GB {dtype}, trainer TP={args.tp}, {device}{f' ({gpu})' if gpu else ''}, "
         f"server start {start_s:.0f} s"
     )
     print(f"{'transport':<12} {'s/GB':>8} {'GB/s':>8} {'vs disk':>8} {'max|dlogp|':>11}")
