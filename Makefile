@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: help demo test test-fast lint format install install-dev install-sglang bench clean
+.PHONY: help demo test test-fast lint format install install-dev install-sglang bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n",$$1,$$2}'
@@ -46,8 +46,8 @@ test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLa
 test-fast: $(VENV)/.stamp-dev  ## unit tier only
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
-# Every shell script under examples/ and tools/ (tests/slurm/test_shellcheck.py checks the same set).
-SHELL_SCRIPTS = $(shell find examples tools -type f \( -name '*.sh' -o -name '*.sbatch' \) | sort)
+# Every shell script under examples/, tools/ and benchmarks/ (tests/slurm/test_shellcheck.py checks the same set).
+SHELL_SCRIPTS = $(shell find examples tools benchmarks -type f \( -name '*.sh' -o -name '*.sbatch' \) | sort)
 
 lint: $(VENV)/.stamp-dev  ## ruff check + format check + shellcheck
 	$(VENV)/bin/ruff check .
@@ -61,6 +61,12 @@ format: $(VENV)/.stamp-dev  ## ruff fix + format
 
 bench: $(VENV)/.stamp-dev  ## the benchmarks (see benchmarks/RESULTS.md)
 	$(PY) benchmarks/bench_logprobs.py
+
+# On a machine with one CUDA GPU: install what is missing, tests/gpu, the MoE step and weight-sync
+# benchmarks, one report in $(GPU_CHECK_OUT) (docs/gpu.md). Without CUDA it writes the report and fails.
+GPU_CHECK_OUT ?= $(or $(OUT),gpu_report)
+gpu-check:  ## GPU readiness check and report (one CUDA GPU, ~10 min; docs/gpu.md)
+	bash benchmarks/gpu_check.sh --out $(GPU_CHECK_OUT)
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -3,16 +3,24 @@
     python benchmarks/bench_weight_sync.py                       # ~0.7 GB fp32 Qwen3, TP=1 trainer, CPU
     python benchmarks/bench_weight_sync.py --tp 2 --hidden 768   # smaller model, TP=2 trainer
     python benchmarks/bench_weight_sync.py --pp 1 2 4            # pipeline stages sending in parallel
+    python benchmarks/bench_weight_sync.py --device cuda --hidden 2048 --json sync.json   # CUDA server
+
+`--device cuda` (the default where CUDA is present): the server runs SGLang's GPU flags in bf16 with
+`--mem-fraction` of the GPU (it shares the GPU with the trainer), the trainer ranks are NCCL ranks with
+a bf16 megatron model (rank r on GPU r), "tensor" sends CUDA IPC handles. "distributed" joins trainer
+and server in one process group: NCCL refuses two ranks on one GPU and the server shares GPU 0 with
+trainer rank 0, so it runs over gloo (on CUDA tensors) here and the table says so. `--json PATH` writes
+the results as JSON.
 
 `--pp`: the same model at PP1, PP2 and PP4 (1, 2, 4 processes), per transport: bytes each stage sent,
 bytes through global rank 0, seconds; against "via rank 0" (what the sync did before every stage sent
 its own share: the export sends every stage's tensors to rank 0, which alone pushes them), measured in
 the same run on the same server. Every sync carries changed weights, and the guard checks the last one.
 
-A random dense Qwen3 is written as an HF checkpoint, served by one SGLang server (CPU flags here, GPU
-flags when CUDA is present) and loaded into a megatron policy (gloo ranks on CPU). Each transport syncs
-`--repeats` times (versions bumped, the engine's weight version checked after each); the median is
-reported, with the ratio to `from_disk` measured in the same run. The mismatch guard runs once per
+A random dense Qwen3 is written as an HF checkpoint, served by one SGLang server (CPU flags on CPU, GPU
+flags with `--device cuda`) and loaded into a megatron policy (gloo ranks on CPU, NCCL ranks on GPU).
+Each transport syncs `--repeats` times (versions bumped, the engine's weight version checked after
+each); the median is reported, with the ratio to `from_disk` measured in the same run. The mismatch guard runs once per
 transport so a fast-but-wrong sync cannot pass. Results and commands: benchmarks/RESULTS.md.
 """
 
@@ -52,14 +60,16 @@ def _setup(rank: int, url: str, key, model_dir: str, **layout):
     return policy, config, engine
 
 
-def _bench(rank, world, url, key, model_dir, disk_dir, tp, repeats, bucket_mib):
+def _bench(rank, world, url, key, model_dir, disk_dir, tp, repeats, bucket_mib, sync_backend="auto"):
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
     from megatron_sapo.train.guard import check_weight_sync
 
     policy, config, engine = _setup(rank, url, key, model_dir, tp=tp)
     out = {}
     for transport in TRANSPORTS:
-        cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=bucket_mib << 20)
+        cfg = WeightSyncConfig(
+            transport=transport, disk_dir=disk_dir, bucket_bytes=bucket_mib << 20, backend=sync_backend
+        )
         sync = WeightSync(engine, policy.model, config, cfg)
         runs = []
         for i in range(repeats):
@@ -112,7 +122,7 @@ def _nudge(policy, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     for chunk in policy.model:
         for p in chunk.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+            p.add_((torch.randn(p.shape, generator=g) * 1e-3).to(p.device, p.dtype))
 
 
 def _bench_pp(rank, world, url, key, model_dir, disk_dir, repeats, bucket_mib):
@@ -190,7 +200,15 @@ def main() -> None:
     p.add_argument(
         "--pp", type=int, nargs="+", help="pipeline sizes to sweep (one process per stage) instead of --tp"
     )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present")
+    p.add_argument("--mem-fraction", type=float, default=0.3, help="cuda: the server's share of GPU memory")
+    p.add_argument("--json", type=Path, help="also write the results (not --pp) here as JSON")
     args = p.parse_args()
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    if device == "cuda" and args.pp:
+        raise SystemExit("--pp sweeps the CPU (gloo) trainer; use --tp with --device cuda")
     work = Path(tempfile.mkdtemp(prefix="bench_sync-"))
     config = Qwen3Config(
         vocab_size=args.vocab,
@@ -204,8 +222,15 @@ def main() -> None:
         tie_word_embeddings=False,
     )
     model_dir = save_tiny_model(work / "hf", config, train_tokenizer(vocab_size=300), seed=0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    server = SGLangServer(ServerConfig(model_path=str(model_dir), device=device, log_dir=str(work)))
+    server_config = ServerConfig(model_path=str(model_dir), device=device, log_dir=str(work))
+    backend, sync_backend, dtype = "gloo", "auto", "fp32"
+    if device == "cuda":
+        backend, dtype = "nccl", "bf16"
+        # the trainer holds the same GPU; CUDA graphs only speed decoding, not measured here
+        server_config.mem_fraction_static = args.mem_fraction
+        server_config.extra_args = ["--disable-cuda-graph"]
+        sync_backend = "gloo"  # NCCL refuses two ranks on one GPU: the server and trainer rank 0 share GPU 0
+    server = SGLangServer(server_config)
     t0 = time.perf_counter()
     server.start()
     start_s = time.perf_counter() - t0
@@ -230,23 +255,32 @@ def main() -> None:
                 args.tp,
                 args.repeats,
                 args.bucket_mib,
+                sync_backend,
             ),
             timeout=1800,
+            backend=backend,
         )[0]
     finally:
         server.stop()
     disk = res["disk"]["s_per_gb"]
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else ""
     print(
-        f"model {res['disk']['gb']:.2f} GB fp32, trainer TP={args.tp}, {device}, server start {start_s:.0f} s"
+        f"model {res['disk']['gb']:.2f} GB {dtype}, trainer TP={args.tp}, {device}{f' ({gpu})' if gpu else ''}, "
+        f"server start {start_s:.0f} s"
     )
     print(f"{'transport':<12} {'s/GB':>8} {'GB/s':>8} {'vs disk':>8} {'max|dlogp|':>11}")
     for name in TRANSPORTS:
         r = res[name]
+        label = f"{name}({sync_backend})" if name == "distributed" and sync_backend != "auto" else name
         print(
-            f"{name:<12} {r['s_per_gb']:8.2f} {1 / r['s_per_gb']:8.2f} {disk / r['s_per_gb']:7.2f}x "
+            f"{label:<12} {r['s_per_gb']:8.2f} {1 / r['s_per_gb']:8.2f} {disk / r['s_per_gb']:7.2f}x "
             f"{r['logprob_diff_max']:11.2e}"
         )
     print(json.dumps(res))
+    if args.json:
+        summary = dict(device=device, gpu=gpu, dtype=dtype, tp=args.tp, server_start_s=start_s)
+        summary.update(distributed_backend=sync_backend, transports=res)
+        args.json.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

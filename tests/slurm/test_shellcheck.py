@@ -1,4 +1,4 @@
-"""shellcheck passes on every shell script under examples/ and tools/ (*.sh, *.sbatch).
+"""shellcheck passes on every shell script under examples/, tools/ and benchmarks/ (*.sh, *.sbatch).
 
 Installs Debian's shellcheck when missing (as root); skipped, with the reason, when it cannot.
 `make lint` runs the same check. Run: `python -m pytest tests/slurm/test_shellcheck.py -q -rs`.
@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def shell_scripts() -> list[Path]:
     return sorted(
-        p for d in ("examples", "tools") for ext in ("sh", "sbatch") for p in (ROOT / d).rglob(f"*.{ext}")
+        p
+        for d in ("examples", "tools", "benchmarks")
+        for ext in ("sh", "sbatch")
+        for p in (ROOT / d).rglob(f"*.{ext}")
     )
 
 
@@ -29,6 +32,7 @@ def test_scripts_exist() -> None:
         "qwen3_30b_a3b_sapo.sbatch",
         "convert_hf_to_megatron.sbatch",
         "convert_megatron_to_hf.sbatch",
+        "gpu_check.sh",
     } <= names, names
 
 
