@@ -48,16 +48,20 @@ class RolloutConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """How the trainer's weights reach the engines after every update."""
     guard_threshold: float = 0.05
-    """Largest mean |engine − trainer| log-prob difference accepted after a weight sync."""
+    """Largest mean |engine − trainer| log-prob difference accepted after a weight sync: by the probes, and
+    by every step's rollout (its engine log-probs against the trainer's pi_old, before any update)."""
     guard_prompts: int = 2
-    """Prompts sampled to check each weight sync (0 = no check)."""
+    """Prompts sampled to probe a weight sync right after it (0 = no check at all, the rollout's included)."""
+    guard_every: int = 1
+    """Probe every N-th sync (always before an eval and after the last sync); between probes each step's
+    own rollout checks the sync before it, for free. 1 = probe every sync."""
     dynamic_sampling: bool = False
     """Drop prompt groups whose rewards are all equal (zero advantage) and sample more prompts."""
     max_refill_rounds: int = 3
     """With `dynamic_sampling`, extra generation rounds per step before training on what there is."""
 
     def __post_init__(self) -> None:
-        check_min(self, "prompts_per_step", "samples_per_prompt", "num_engines")
+        check_min(self, "prompts_per_step", "samples_per_prompt", "num_engines", "guard_every")
         check_min(self, "guard_prompts", "max_refill_rounds", minimum=0)
         check(self.guard_threshold > 0, "guard_threshold", f"must be > 0, got {self.guard_threshold}")
         check_choice(self.server.device, DEVICES, "server.device")

@@ -126,6 +126,7 @@ class WeightSync:
         self.stage_bytes: list[int] = []
         """Bytes each pipeline stage sent in the last sync (every rank)."""
         self.attempts = 0
+        self.export_seconds = 0.0
         self._updater: Any = None
         self._group: dist.ProcessGroup | None = None  # "distributed": this stage's update group
         self._names: list[str] = []  # "distributed": each stage's group name (rank 0 chooses)
@@ -234,6 +235,9 @@ class WeightSync:
             "sync/stages": float(len(self.stage_bytes)),
             "sync/attempts": float(self.attempts),
             "sync/gb_per_s": nbytes / 1e9 / seconds,
+            # rank 0's time inside the bridge's export generator (its stage's gathers and packing); the
+            # rest of sync/seconds is the transport, the engines' loading and the agreements
+            "sync/export_s": self.export_seconds,
         }
 
     def _sync_via_rank0(self, version: str) -> None:
@@ -256,6 +260,7 @@ class WeightSync:
         else:
             self.engine.update_weights_from_tensors(chain.from_iterable(counted), version=version)
         self.stage_bytes = [counted.nbytes]
+        self.export_seconds = counted.seconds
 
     def _sync_parallel(self, version: str) -> None:
         for attempt in range(1, SYNC_ATTEMPTS + 1):
@@ -347,6 +352,7 @@ class WeightSync:
             self._drop_group()  # its servers stop waiting for this stage's next bucket
         if posters is not None:
             error = error or posters.join()
+        self.export_seconds = counted.seconds
         return counted.nbytes if self.sender_stage is not None else 0, error
 
     # ---- "distributed": one group per stage, rank 0 tells the servers what to receive, in order -----
@@ -577,13 +583,19 @@ def _attempt(call: Any, *args: Any) -> str | None:
 
 
 class _counting:
-    """Iterate buckets while summing their bytes."""
+    """Iterate buckets while summing their bytes and the seconds spent producing them (the export's share
+    of the sync: gathers, name mapping, bucket packing; the rest is the transport and the engines)."""
 
     def __init__(self, buckets: Iterator[list]) -> None:
-        self._it, self.nbytes = buckets, 0
+        self._it, self.nbytes, self.seconds = iter(buckets), 0, 0.0
 
     def __iter__(self) -> Iterator[list]:
-        for bucket in self._it:
+        while True:
+            start = time.perf_counter()
+            bucket = next(self._it, None)
+            self.seconds += time.perf_counter() - start
+            if bucket is None:
+                return
             self.nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
             yield bucket
             del bucket  # not held while the export gathers the next one

@@ -100,7 +100,8 @@ class RunSettings:
     output_dir: str = "outputs/run"
     """Directory for config.yaml, metrics, checkpoints and the final Hugging Face model."""
     steps: int = 100
-    """RL steps (one rollout batch each)."""
+    """RL steps (one rollout batch each); 0 = only the cold start, the step-0 eval and the final `hf/`
+    export (a start policy for other runs)."""
     seed: int = 0
     """Seed of the data order, the tiny model's weights and sampling."""
     eval_every: int = 10
@@ -122,7 +123,8 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         check(bool(self.output_dir), "output_dir", "must not be empty")
-        check_min(self, "steps", "eval_samples", "log_every")
+        check_min(self, "eval_samples", "log_every")
+        check_min(self, "steps", minimum=0)
         check_min(self, "seed", "eval_every", "save_every", "keep_last", minimum=0)
 
 

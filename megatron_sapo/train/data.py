@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_sapo.data import PromptRecord, load_records, render_prompt
@@ -27,10 +27,17 @@ class RunData:
     sft_targets: list[str]
     seed: int
 
+    _orders: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.train)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        """Epoch `epoch`'s shuffled record order (shuffled once: it was one shuffle per prompt per step)."""
+        if epoch not in self._orders:
+            order = list(range(len(self.train)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            if len(self._orders) >= 4:  # batches walk forward (the probes elsewhere): keep a few recent
+                del self._orders[next(iter(self._orders))]
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def train_batch(self, offset: int, n: int) -> tuple[list[PromptRecord], list[list[int]]]:
         idx = [self._order(i // len(self.train))[i % len(self.train)] for i in range(offset, offset + n)]

@@ -56,7 +56,7 @@ from megatron_sapo.rollout.types import PolicyDiverged
 from megatron_sapo.train import engines, outputs, run_lock, setup
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData, load_data
-from megatron_sapo.train.guard import check_weight_sync
+from megatron_sapo.train.guard import WeightSyncMismatch, check_rollout, check_weight_sync
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,18 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
             if writer:
                 writer.write({"step": 0, **acc})
         for step in range(start, cfg.run.steps):
+            t0 = time.perf_counter()
             with _stop_if_diverged(step + 1):  # before this step's row and checkpoint are written
                 row = _rl_step(cfg, step, policy, engine, rewards, data, sync)
-                if (cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0) or step + 1 == cfg.run.steps:
+                if _evaluates(cfg, step):
+                    t = time.perf_counter()
                     acc, restarts = _with_resync(partial(_from_driver, evaluate), sync, str(step + 1), "eval")
                     row.update(acc)
                     row["rollout/restarts"] += restarts
-            if writer:
-                writer.write(row)
+                    row["time/eval_s"] = time.perf_counter() - t
             if (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0) or step + 1 == cfg.run.steps:
+                t = time.perf_counter()
+                # saved before the row is written: a row on disk always has its step's work behind it
                 save_checkpoint(
                     ckpt_root,
                     step=step + 1,
@@ -144,6 +147,10 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
                     scheduler=policy.scheduler,
                     keep_last=cfg.run.keep_last or None,
                 )
+                row["time/checkpoint_s"] = time.perf_counter() - t
+            _close_step_times(row, t0)
+            if writer:
+                writer.write(row)
         outputs.export_final_hf(cfg, policy, hf_config, hf_dir, out)
         if writer:
             writer.finish()
@@ -184,6 +191,40 @@ def _cold_start(
     policy.scheduler.step(increment=0)
 
 
+PHASES = (
+    "time/generate_s",  # the engine's generate calls (rank 0)
+    "time/reward_s",  # scoring (rank 0)
+    "time/logprobs_s",  # pi_old: scatter, forward, gather, the finite and rollout checks
+    "time/train_s",  # the mini-batch updates
+    "time/export_s",  # the bridge's export inside the sync (rank 0's stage)
+    "time/load_s",  # the rest of the sync: transport, the engines' loading, agreements
+    "time/guard_s",  # the probes after a sync
+    "time/eval_s",
+    "time/checkpoint_s",
+)
+"""Where an RL step's wall time (time/step_s) goes; time/other_s is the rest (advantages, sample building,
+broadcasts between ranks, rank 0's HTTP bookkeeping): the gaps between the phases."""
+
+
+def _close_step_times(row: dict[str, float], t0: float) -> None:
+    """Every phase in the row (0 when it did not run this step), the step's wall time and the gaps."""
+    row["time/step_s"] = time.perf_counter() - t0
+    for key in PHASES:
+        row.setdefault(key, 0.0)
+    row["time/other_s"] = row["time/step_s"] - sum(row[key] for key in PHASES)
+
+
+def _evaluates(cfg: TrainJobConfig, step: int) -> bool:
+    return bool(cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0) or step + 1 == cfg.run.steps
+
+
+def _probes(cfg: TrainJobConfig, step: int) -> bool:
+    """Whether the sync after `step` is probed: every `guard_every`-th, and always before an eval and after
+    the last step (no later rollout checks those); the others are checked by the next step's rollout."""
+    r = cfg.rollout
+    return bool(r.guard_prompts) and ((step + 1) % r.guard_every == 0 or _evaluates(cfg, step))
+
+
 def _rl_step(
     cfg: TrainJobConfig,
     step: int,
@@ -205,8 +246,16 @@ def _rl_step(
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
         engine.release_memory()
     t_rollout = time.perf_counter() - t0
-    samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _ in rows]
-    old, metrics = _update_policy(policy, samples if driver else None)
+    samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _, _ in rows]
+    guarded = bool(cfg.rollout.guard_prompts)  # 0: the metrics, never a verdict
+    check = partial(
+        check_rollout,
+        engine=[e for *_, e, _ in rows],
+        versions=[v for *_, v in rows],
+        version=str(step) if guarded else None,
+        threshold=cfg.rollout.guard_threshold if guarded else math.inf,
+    )
+    metrics = _update_policy(policy, samples if driver else None, check)
     if not math.isfinite(metrics["loss"]):
         # step + 1: the metrics.jsonl row this step writes
         log.warning(
@@ -216,7 +265,9 @@ def _rl_step(
     if lend:
         engine.resume_memory()  # the sync below refills the weights
     metrics.update(sync.sync(version=str(step + 1)))
-    if cfg.rollout.guard_prompts:
+    t3 = time.perf_counter()
+    probed = _probes(cfg, step)
+    if probed:
         # Not scattered: every rank scores all probes (rollout.guard_prompts, a handful of short ones).
         probes = data.train_prompt_ids(step * 7919, cfg.rollout.guard_prompts)
         guard = partial(
@@ -231,56 +282,64 @@ def _rl_step(
         checked, guard_restarts = _with_resync(guard, sync, str(step + 1), "weight-sync check")
         metrics.update(checked)
         restarts += guard_restarts
-    diff_mean = float("nan")  # only rank 0 writes the row
-    if driver:
-        engine_diff = [(o - torch.tensor(e)).abs() for o, (*_, e) in zip(old, rows)]
-        diff_mean = (torch.cat(engine_diff) if engine_diff else torch.zeros(1)).mean().item()
+    t4 = time.perf_counter()
+    export = metrics.get("sync/export_s", 0.0)
     return {
         "step": step + 1,
         **stats,
         **metrics,
-        "rollout/engine_trainer_logprob_diff_mean": diff_mean,
         "rollout/restarts": float(restarts),
         "time/rollout_s": t_rollout,
-        "time/sync_s": time.perf_counter() - t2,
-        "time/step_s": time.perf_counter() - t0,
+        "time/sync_s": t3 - t2,
+        "time/export_s": export,
+        "time/load_s": t3 - t2 - export,
+        "time/guard_s": t4 - t3 if probed else 0.0,
     }
 
 
 def _update_policy(
-    policy: PolicyEngine, samples: list[Sample] | None
-) -> tuple[list[torch.Tensor] | None, dict[str, float]]:
+    policy: PolicyEngine, samples: list[Sample] | None, check: Callable[..., dict] | None = None
+) -> dict[str, float]:
     """Every rank: one step's pi_old pass and mini-batch updates, each DP rank on its share only.
 
-    Global rank 0 passes the step's samples, the others None. Returns (on rank 0 the pi_old log-probs
-    `[n_response_i]` of every sample in the step's order, elsewhere None; the train metrics, DP-global,
-    with time/train_s). Non-finite log-probs raise `PolicyDiverged` on every rank, before any update.
+    Global rank 0 passes the step's samples, the others None. Returns the train metrics, DP-global, with
+    time/logprobs_s and time/train_s (and on rank 0 what `check(pi_old log-probs)` returned: the rollout
+    check). Non-finite log-probs raise `PolicyDiverged`, a rollout the engine generated with other weights
+    than the trainer's `WeightSyncMismatch`, on every rank, before any update.
     """
+    t = time.perf_counter()
     share = policy.scatter(samples)
     old = policy.compute_logprobs(share.samples)
     old_all = policy.gather(share, old)
+
+    def verdict() -> dict[str, float]:
+        _check_finite(old_all)
+        return check(old_all) if check is not None else {}
+
     # Rank 0 holds every share's log-probs now: its verdict reaches every rank, so all stop together.
-    _from_driver(partial(_check_finite, old_all), driver_only=True)
+    checked = _from_driver(verdict, driver_only=True) or {}
+    t_logprobs = time.perf_counter() - t
     t = time.perf_counter()
     metrics = policy.train_step(share, old)
-    return old_all, {**metrics, "time/train_s": time.perf_counter() - t}
+    return {**metrics, **checked, "time/logprobs_s": t_logprobs, "time/train_s": time.perf_counter() - t}
 
 
 def _from_driver(fn: Callable[[], Any], *, driver_only: bool = False) -> Any:
     """Rank 0 runs `fn` (an engine call) and every rank gets its result (`driver_only`: rank 0 keeps it,
     the others get None; only the outcome is broadcast); an `EngineRestarted` on rank 0 is raised on every
-    rank, so that all of them can re-sync together, and a `PolicyDiverged`, so that all of them stop."""
+    rank, so that all of them can re-sync together, and a `PolicyDiverged` or `WeightSyncMismatch`, so
+    that all of them stop."""
     payload: list[Any] = [None]
     result = None
     if dist.get_rank() == 0:
         try:
             result = fn()
             payload = [None if driver_only else result]
-        except (EngineRestarted, PolicyDiverged) as exc:
+        except _SHARED_ERRORS as exc:
             payload = [exc]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(payload, src=0)
-    if isinstance(payload[0], (EngineRestarted, PolicyDiverged)):
+    if isinstance(payload[0], _SHARED_ERRORS):
         raise payload[0]
     return result if dist.get_rank() == 0 else payload[0]
 
@@ -295,6 +354,10 @@ def _stop_if_diverged(step: int) -> Iterator[None]:
             f"{exc.detail}; stopped before this step's metrics row and checkpoint (lower optim.lr?)",
             step,
         ) from exc
+
+
+_SHARED_ERRORS = (EngineRestarted, PolicyDiverged, WeightSyncMismatch)
+"""What rank 0's engine-side calls raise on every rank (`_from_driver`)."""
 
 
 def _check_finite(logprobs: list[torch.Tensor]) -> None:
@@ -340,7 +403,8 @@ def _rollout(
     # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)
     base = r.sampling.seed if r.sampling.seed is not None else cfg.run.seed * 1_000_003
     sampling = replace(r.sampling, seed=base + step)
-    kept: list[tuple[list[int], int, float, list[float]]] = []
+    kept: list[tuple[list[int], int, float, list[float], str | None]] = []
+    t_generate = t_reward = 0.0
     all_rewards: list[float] = []
     reward_stats: dict[str, float] = {}
     lengths, stops, dropped = [], [], 0
@@ -352,9 +416,13 @@ def _rollout(
             break
         records, prompt_ids = data.train_batch(offset, need)
         offset += need
+        t = time.perf_counter()
         gens = engine.generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
+        t_generate += time.perf_counter() - t
+        t = time.perf_counter()
         texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
         scores, stats = rewards.score(texts, [records[g.prompt_index] for g in gens])
+        t_reward += time.perf_counter() - t
         for key, value in stats.items():
             reward_stats[key] = reward_stats.get(key, 0.0) + value
         all_rewards += scores
@@ -368,7 +436,9 @@ def _rollout(
                 g = gens[i]
                 if not g.token_ids:
                     continue
-                kept.append((g.prompt_ids + g.token_ids, len(g.prompt_ids), adv[i], g.logprobs))
+                kept.append(
+                    (g.prompt_ids + g.token_ids, len(g.prompt_ids), adv[i], g.logprobs, g.weight_version)
+                )
                 lengths.append(len(g.token_ids))
                 stops.append(g.finish_reason == "stop")
     if not kept:  # every group had equal rewards: train on nothing would stall; keep the last round
@@ -382,6 +452,9 @@ def _rollout(
         "rollout/stop_fraction": sum(stops) / len(stops),
         "rollout/groups_dropped": float(dropped),
         "rollout/samples": float(len(kept)),
+        "rollout/generated_tokens": float(sum(lengths)),
+        "time/generate_s": t_generate,
+        "time/reward_s": t_reward,
     }
 
 

@@ -36,6 +36,7 @@ TINY = [
     "rollout.samples_per_prompt=4",
     "rollout.sampling.max_new_tokens=6",
     "rollout.guard_prompts=1",
+    "rollout.guard_every=1",  # probe every sync (the quickstart probes before evals only)
     "loss.mini_batches=2",
     "data.synthetic.n_train=16",
     "data.synthetic.n_eval=4",

@@ -36,6 +36,7 @@ TINY = [
     "rollout.samples_per_prompt=4",
     "rollout.sampling.max_new_tokens=6",
     "rollout.guard_prompts=1",
+    "rollout.guard_every=1",  # probe every sync (the quickstart probes before evals only)
     "data.synthetic.n_train=32",
     "data.synthetic.n_eval=8",
     "run.eval_every=2",
@@ -116,14 +117,32 @@ def test_sglang_engine_two_steps_at_temperature(tmp_path) -> None:
     """The real SGLang engine, sampling at T = 0.7: the trainer's log-probs are of softmax(logits / 0.7),
     as SGLang reports them (T = 1 with SGLang runs in tests/e2e/test_multirank.py and tests/slurm/).
     The demo's path: nothing on stderr looks like a failure (warnings, tracebacks, errors) when none happened."""
-    proc = train(tmp_path, "run.steps=2", "rollout.sampling.temperature=0.7")
+    proc = train(tmp_path, "run.steps=3", "rollout.sampling.temperature=0.7", "rollout.guard_every=3")
     noise = [x for x in proc.stderr.splitlines() if re.search(r"Warning|Traceback|ERROR|[Ee]rror:", x)]
     assert not noise, noise
     r = rows(tmp_path)
-    assert [x["step"] for x in r] == [0, 1, 2]
+    assert [x["step"] for x in r] == [0, 1, 2, 3]
+    # guard_every 3 with evals at 2 and 3: the sync after step 1 is checked by step 2's rollout only
+    assert [x["step"] for x in r[1:] if "sync/logprob_diff_max" in x] == [2, 3]
     for x in r[1:]:
-        assert x["sync/logprob_diff_max"] < 1e-4  # the guard samples at 0.7 and the trainer scores at 0.7
-        assert x["rollout/engine_trainer_logprob_diff_mean"] < 1e-4  # pi_old vs the rollouts' own log-probs
+        assert x.get("sync/logprob_diff_max", 0) < 1e-4  # the guard samples at 0.7, the trainer scores at 0.7
+        assert x["rollout/engine_trainer_logprob_diff_max"] < 1e-4  # pi_old vs the rollouts' own log-probs
+    from megatron_sapo.train.loop import PHASES
+
+    for x in r[1:]:  # the step's wall time split into phases that do not overlap, the gaps in time/other_s
+        assert all(x[k] >= 0 for k in PHASES), x
+        assert 0 <= x["time/other_s"] < x["time/step_s"], x
+        assert x["time/step_s"] == pytest.approx(sum(x[k] for k in PHASES) + x["time/other_s"])
+        for k in ("time/generate_s", "time/reward_s", "time/logprobs_s", "time/train_s", "time/export_s"):
+            assert x[k] > 0, (k, x)
+        assert x["time/rollout_s"] >= x["time/generate_s"] + x["time/reward_s"]
+        assert x["time/sync_s"] == pytest.approx(x["time/export_s"] + x["time/load_s"])
+        assert (x["time/guard_s"] > 0) == ("sync/logprob_diff_max" in x), x
+        assert (x["time/eval_s"] > 0) == ("eval/accuracy" in x), x
+        assert (x["time/checkpoint_s"] > 0) == (x["step"] == 3), x  # saved at the last step only
+        assert x["rollout/generated_tokens"] == pytest.approx(
+            x["rollout/response_len"] * x["rollout/samples"]
+        )
     assert list((tmp_path / "logs").glob("sglang-*.log"))
 
 
