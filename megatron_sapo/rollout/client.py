@@ -4,9 +4,12 @@
     gens = engine.generate(["1 + 2 ="], SamplingParams(max_new_tokens=8), n=4)
     gens[0].token_ids, gens[0].logprobs, gens[0].finish_reason, gens[0].weight_version
 
-Requests carry token ids (strings are tokenized here, with the served model's tokenizer) in chunks of
-`request_batch` samples; at most `max_concurrency` chunks are in flight (back-pressure), each to the next
-server in turn. A chunk that fails because its server died is retried after the server is restarted
+Requests carry token ids (strings are tokenized here, with the served model's tokenizer) in as few
+chunks as the servers and `request_batch` (the most samples one request carries) allow, evenly sized: one
+request per server when each server's share fits (a server batches what one request brings together; the
+same samples as many small requests took ~4x longer on a CPU server, benchmarks/bench_rl_step.py); at
+most `max_concurrency` chunks (never fewer than the servers) are in flight (back-pressure), each to the
+next server in turn. A chunk that fails because its server died is retried after the server is restarted
 (servers this client launched) and the `on_restart` hooks ran — weight sync registers one that pushes the
 current weights again, so a restarted server never serves stale weights. With `retry_after_restart=False`
 such a request raises `EngineRestarted` after the restart instead (multi-rank trainers: the weights can only
@@ -75,7 +78,7 @@ class SGLangEngine:
         *,
         model_path: str | None = None,
         max_concurrency: int = 8,
-        request_batch: int = 16,
+        request_batch: int = 256,
         request_timeout: float = 900.0,
         max_retries: int = 2,
         retry_after_restart: bool = True,
@@ -213,12 +216,15 @@ class SGLangEngine:
             raise ValueError(f"n must be >= 1, got {n}")
         ids = self.encode(prompts)
         items = [(p, s) for p in range(len(ids)) for s in range(n)]
-        chunks = [items[i : i + self.request_batch] for i in range(0, len(items), self.request_batch)]
+        count = max(min(len(self.endpoints), len(items)), -(-len(items) // self.request_batch))
+        size = -(-len(items) // count)
+        chunks = [items[i : i + size] for i in range(0, len(items), size)]
 
         def run(chunk: list[tuple[int, int]]) -> list[Generation]:
             return self._generate_chunk(chunk, ids, sampling, return_routed_experts)
 
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(chunks))) as pool:
+        workers = min(max(self.max_concurrency, len(self.endpoints)), len(chunks))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(run, chunk) for chunk in chunks]
             try:
                 results = [f.result() for f in futures]

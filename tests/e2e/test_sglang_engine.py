@@ -8,6 +8,7 @@ port-race and orphan tests, ~3 min).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import signal
 import subprocess
@@ -52,13 +53,30 @@ def test_logprobs_match_transformers(name, temperature, reset_weights, tiny_mode
     assert diff.max().item() < 1e-4, diff.max().item()
 
 
-def test_n_samples_differ_and_chunks_keep_order(reset_weights) -> None:
+def test_n_samples_differ_and_chunks_keep_order(reset_weights, monkeypatch) -> None:
     engine = reset_weights("dense")
-    engine.request_batch = 3  # 2 prompts x 4 samples -> 3 concurrent requests
+    sent = []  # samples per /generate request (the real requests, observed)
+    request = engine.request
+
+    def observed(endpoint, method, path, payload=None, **kw):
+        if path == "/generate":
+            sent.append(len(payload["input_ids"]))
+        return request(endpoint, method, path, payload, **kw)
+
+    monkeypatch.setattr(engine, "request", observed)
+    monkeypatch.setattr(engine, "request_batch", 3)  # 2 prompts x 4 samples -> 3 concurrent requests
     gens = engine.generate(["1 + 2 =", [9, 8, 7]], SamplingParams(max_new_tokens=10), n=4)
+    assert sorted(sent) == [2, 3, 3]
     assert [(g.prompt_index, g.sample_index) for g in gens] == [(p, s) for p in range(2) for s in range(4)]
     assert all(g.prompt_ids == [9, 8, 7] for g in gens[4:])
     assert len({tuple(g.token_ids) for g in gens[:4]}) > 1  # the n samples of one prompt differ
+    # the default request_batch: one server, one request for all 8 samples
+    default = inspect.signature(type(engine).__init__).parameters["request_batch"].default
+    monkeypatch.setattr(engine, "request_batch", default)
+    sent.clear()
+    again = engine.generate(["1 + 2 =", [9, 8, 7]], SamplingParams(max_new_tokens=10), n=4)
+    assert sent == [8]
+    assert [(g.prompt_index, g.sample_index) for g in again] == [(p, s) for p in range(2) for s in range(4)]
 
 
 def test_finish_reasons(reset_weights) -> None:
