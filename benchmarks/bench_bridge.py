@@ -87,6 +87,42 @@ def _export_config(layout: str, args: argparse.Namespace):  # -> transformers Pr
     )
 
 
+def _gathers(model, hf_config) -> list[tuple[object, torch.Tensor]]:
+    """The all-gathers the export runs on this rank, one per gathered parameter, in its order:
+    (group, input shard). TP-split parameters over their TP group (expert-TP for experts), experts over
+    the EP group (its input is then the TP-gathered tensor: a stand-in of that shape when TP > 1)."""
+    from megatron_sapo.bridge.arch import mapping_table
+    from megatron_sapo.bridge.layout import ParallelGroups, group_size, local_parameters, model_chunks
+
+    groups, table = ParallelGroups.from_parallel_state(), mapping_table(hf_config)
+    out = []
+    for lp in local_parameters(model_chunks(model), table, groups):
+        if not lp.mapping.exported(table.dims):
+            continue
+        shard, tp = lp.param.detach(), group_size(lp.tp_group)
+        if lp.mapping.split is not None and tp > 1:
+            out.append((lp.tp_group, shard))
+            shard = shard.new_ones(lp.mapping.full_shape(tuple(shard.shape), tp))
+        if lp.mapping.is_expert and group_size(groups.ep) > 1:
+            out.append((groups.ep, shard))
+    return out
+
+
+def _all_gather_seconds(gathers: list[tuple[object, torch.Tensor]], buffer: torch.Tensor) -> float:
+    """One pass of the raw collectives: each shard all-gathered whole over its group into a view of
+    `buffer` (pre-allocated, pre-touched, reused), one collective per shard, as the export's group does."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    dist.barrier()
+    t0 = time.perf_counter()
+    for group, shard in gathers:
+        n = dist.get_world_size(group)
+        out = buffer[: n * shard.numel() * shard.element_size()].view(shard.dtype)
+        gather(out, shard.reshape(-1), group=group)
+    return time.perf_counter() - t0
+
+
 def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
@@ -100,17 +136,23 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
     model = build_gpt_model(hf_config).eval()
     local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer = torch.ones(max(args.buckets_mib) << 20, dtype=torch.uint8)  # pre-touched drain target
-    out = {"local_bytes": local_bytes, "runs": {}}
+    gathers = _gathers(model, hf_config)
+    gathered = sum(dist.get_world_size(g) * t.numel() * t.element_size() for g, t in gathers)
+    gather_out = torch.ones(
+        max((dist.get_world_size(g) * t.numel() * t.element_size() for g, t in gathers), default=1),
+        dtype=torch.uint8,
+    )
+    out = {"local_bytes": local_bytes, "gathered": gathered, "collectives": len(gathers), "runs": {}}
     for mib in args.buckets_mib:
-        times, peaks, received = [], [], 0
+        times, drains, raw, peaks, received = [], [], [], [], 0
         for _ in range(args.reps):
             dist.barrier()
             Path("/proc/self/clear_refs").write_text("5")
             base_kb = _status_kb("VmRSS")
             t0 = time.perf_counter()
-            received = 0
+            received, drain = 0, 0.0
             for bucket in export_hf_weights(model, hf_config, bucket_bytes=mib << 20, dst_ranks=(0,)):
-                offset = 0
+                d0, offset = time.perf_counter(), 0
                 for _, tensor in bucket:
                     flat = tensor.reshape(-1).view(torch.uint8)
                     if offset + flat.numel() > buffer.numel():  # a single tensor above the bucket size
@@ -119,18 +161,18 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
                     offset += flat.numel()
                 received += offset
                 bucket = tensor = flat = None  # loop variables would keep this bucket alive during the next
+                drain += time.perf_counter() - d0
             times.append(time.perf_counter() - t0)
+            drains.append(drain)
             peaks.append((_status_kb("VmHWM") - base_kb) << 10)
-        out["runs"][mib] = {"bytes": received, "times": times, "peak_extra": max(peaks)}
-    # The transport alone: all_gather of 64 MiB per rank (bytes landing on rank 0 / time).
-    shard, times = torch.ones(16 << 20), []
-    gathered = [torch.empty_like(shard) for _ in range(world_size)]
-    for _ in range(args.reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_gather(gathered, shard)
-        times.append(time.perf_counter() - t0)
-    out["all_gather_gbps"] = world_size * shard.numel() * 4 / statistics.median(times) / GB
+            raw.append(_all_gather_seconds(gathers, gather_out))  # same reps: same load
+        out["runs"][mib] = {
+            "bytes": received,
+            "times": times,
+            "drains": drains,
+            "all_gather": raw,
+            "peak_extra": max(peaks),
+        }
     return out
 
 
@@ -151,21 +193,41 @@ def bench_export(args: argparse.Namespace) -> None:
         f"intermediate={args.intermediate} (EP2: {args.experts} experts x {args.intermediate // args.experts})"
         f", fp32, 2 gloo ranks x 1 thread, reps={args.reps}; memcpy: {torch.get_num_threads()} threads"
     )
-    header = f"{'layout':<6} {'bucket':>8} {'GB':>6} {'export s':>9} {'GB/s':>6} {'memcpy GB/s':>11}"
-    print(header + f" {'ratio':>6} {'rank0 peak extra':>17}  export times")
-    for layout in args.layouts:
-        result = run_on_ranks(_export_rank, world_size=2, args=(layout, args), timeout=1800)
-        print(
-            f"{layout}: {result[0]['local_bytes'] / GB:.2f} GB of parameters on rank 0; "
-            f"gloo all_gather (2 x 64 MiB) {result[0]['all_gather_gbps']:.2f} GB/s"
-        )
-        for mib, run in result[0]["runs"].items():
+    results = {layout: run_on_ranks(_export_rank, world_size=2, args=(layout, args), timeout=1800)[0]
+               for layout in args.layouts}  # fmt: skip
+    print("-- vs memcpy (loop = export + rank 0's drain; GB = HF bytes received on rank 0)")
+    print(
+        f"{'layout':<6} {'bucket':>8} {'GB':>6} {'loop s':>7} {'GB/s':>6} {'memcpy GB/s':>11} {'ratio':>6} "
+        f"{'rank0 peak extra':>17}  loop times"
+    )
+    for layout, result in results.items():
+        for mib, run in result["runs"].items():
             nbytes, t = run["bytes"], statistics.median(run["times"])
             copy = statistics.median(_memcpy_times(nbytes, args.reps))
             print(
-                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {t:>9.2f} {nbytes / t / GB:>6.2f} "
+                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {t:>7.2f} {nbytes / t / GB:>6.2f} "
                 f"{nbytes / copy / GB:>11.2f} {copy / t:>6.2f} {run['peak_extra'] / 2**20:>13.0f} MiB  "
                 + ", ".join(f"{x:.2f}" for x in run["times"])
+            )
+    print(
+        "-- vs the transport (export = loop - drain; all_gather = the same collectives, raw; "
+        "GB = bytes the collectives deliver on rank 0)"
+    )
+    print(
+        f"{'layout':<6} {'bucket':>8} {'gathers':>7} {'GB':>6} {'export s':>8} {'all_gather s':>12} "
+        f"{'export GB/s':>11} {'all_gather GB/s':>15} {'ratio':>6}  export / all_gather times"
+    )
+    for layout, result in results.items():
+        nbytes = result["gathered"]
+        for mib, run in result["runs"].items():
+            export = statistics.median(t - d for t, d in zip(run["times"], run["drains"], strict=True))
+            raw = statistics.median(run["all_gather"])
+            print(
+                f"{layout:<6} {mib:>4} MiB {result['collectives']:>7} {nbytes / GB:>6.2f} {export:>8.2f} "
+                f"{raw:>12.2f} {nbytes / export / GB:>11.2f} {nbytes / raw / GB:>15.2f} {raw / export:>6.2f}  "
+                + ", ".join(f"{t - d:.2f}" for t, d in zip(run["times"], run["drains"], strict=True))
+                + " / "
+                + ", ".join(f"{x:.2f}" for x in run["all_gather"])
             )
 
 
