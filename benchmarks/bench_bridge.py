@@ -108,9 +108,29 @@ def _gathers(model, hf_config) -> list[tuple[object, torch.Tensor]]:
     return out
 
 
+def _export_chunks(model, hf_config, bucket_bytes: int) -> list[tuple[object, torch.Tensor]]:
+    """The collectives one export really issues on this rank (row chunks through its staging buffer),
+    recorded by wrapping the export's all-gather for one untimed run: (group, a stand-in input)."""
+    from megatron_sapo.bridge import export as export_module
+
+    calls, real = [], export_module._all_gather_single
+
+    def record(out: torch.Tensor, piece: torch.Tensor, group=None) -> None:
+        calls.append((group, torch.ones_like(piece)))
+        real(out, piece, group=group)
+
+    export_module._all_gather_single = record
+    try:
+        for bucket in export_module.export_hf_weights(model, hf_config, bucket_bytes=bucket_bytes):
+            del bucket
+    finally:
+        export_module._all_gather_single = real
+    return calls
+
+
 def _all_gather_seconds(gathers: list[tuple[object, torch.Tensor]], buffer: torch.Tensor) -> float:
-    """One pass of the raw collectives: each shard all-gathered whole over its group into a view of
-    `buffer` (pre-allocated, pre-touched, reused), one collective per shard, as the export's group does."""
+    """One pass of the raw collectives: each input all-gathered over its group into a view of `buffer`
+    (pre-allocated, pre-touched, reused), in order."""
     import torch.distributed as dist
 
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -144,7 +164,8 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
     )
     out = {"local_bytes": local_bytes, "gathered": gathered, "collectives": len(gathers), "runs": {}}
     for mib in args.buckets_mib:
-        times, drains, raw, peaks, received = [], [], [], [], 0
+        chunks = _export_chunks(model, hf_config, mib << 20)
+        times, drains, raw, raw_chunks, peaks, received = [], [], [], [], [], 0
         for _ in range(args.reps):
             dist.barrier()
             Path("/proc/self/clear_refs").write_text("5")
@@ -166,11 +187,14 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
             drains.append(drain)
             peaks.append((_status_kb("VmHWM") - base_kb) << 10)
             raw.append(_all_gather_seconds(gathers, gather_out))  # same reps: same load
+            raw_chunks.append(_all_gather_seconds(chunks, gather_out))
         out["runs"][mib] = {
             "bytes": received,
             "times": times,
             "drains": drains,
             "all_gather": raw,
+            "chunks": raw_chunks,
+            "collectives": len(chunks),
             "peak_extra": max(peaks),
         }
     return out
@@ -210,24 +234,26 @@ def bench_export(args: argparse.Namespace) -> None:
                 + ", ".join(f"{x:.2f}" for x in run["times"])
             )
     print(
-        "-- vs the transport (export = loop - drain; all_gather = the same collectives, raw; "
-        "GB = bytes the collectives deliver on rank 0)"
+        "-- vs the transport (export = loop - drain; all_gather = the export's collectives run raw into a "
+        "pre-touched buffer: whole = one per gathered shard, chunks = the export's own row chunks; "
+        "GB = bytes the collectives deliver on rank 0; ratio = export GB/s / all_gather GB/s)"
     )
     print(
-        f"{'layout':<6} {'bucket':>8} {'gathers':>7} {'GB':>6} {'export s':>8} {'all_gather s':>12} "
-        f"{'export GB/s':>11} {'all_gather GB/s':>15} {'ratio':>6}  export / all_gather times"
+        f"{'layout':<6} {'bucket':>8} {'GB':>6} {'export s':>8} {'GB/s':>6} | {'whole':>5} {'s':>5} "
+        f"{'GB/s':>5} {'ratio':>5} | {'chunks':>6} {'s':>5} {'GB/s':>5} {'ratio':>5}  export / whole / chunks s"
     )
     for layout, result in results.items():
         nbytes = result["gathered"]
         for mib, run in result["runs"].items():
-            export = statistics.median(t - d for t, d in zip(run["times"], run["drains"], strict=True))
-            raw = statistics.median(run["all_gather"])
+            exports = [t - d for t, d in zip(run["times"], run["drains"], strict=True)]
+            export, whole, chunks = map(statistics.median, (exports, run["all_gather"], run["chunks"]))
             print(
-                f"{layout:<6} {mib:>4} MiB {result['collectives']:>7} {nbytes / GB:>6.2f} {export:>8.2f} "
-                f"{raw:>12.2f} {nbytes / export / GB:>11.2f} {nbytes / raw / GB:>15.2f} {raw / export:>6.2f}  "
-                + ", ".join(f"{t - d:.2f}" for t, d in zip(run["times"], run["drains"], strict=True))
-                + " / "
-                + ", ".join(f"{x:.2f}" for x in run["all_gather"])
+                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {export:>8.2f} {nbytes / export / GB:>6.2f} | "
+                f"{result['collectives']:>5} {whole:>5.2f} {nbytes / whole / GB:>5.2f} {whole / export:>5.2f} | "
+                f"{run['collectives']:>6} {chunks:>5.2f} {nbytes / chunks / GB:>5.2f} {chunks / export:>5.2f}  "
+                + " / ".join(
+                    ", ".join(f"{x:.2f}" for x in xs) for xs in (exports, run["all_gather"], run["chunks"])
+                )
             )
 
 
