@@ -5,12 +5,24 @@ random init, built by `build_gpt_model`) at TP2 (a dense Qwen3: MoE with TP>1 ne
 parallelism, which has no CPU path) and at EP2 (a Qwen3-MoE of about the same size), 2 gloo ranks
 (`run_on_ranks`, 1 torch thread each). Every rank iterates the generator; rank 0 drains each bucket by
 copying every tensor's bytes into one preallocated (pre-touched) byte buffer, as a consumer that ships
-the bucket would. Export GB/s = HF bytes received on rank 0 / wall time of the whole loop on rank 0
-(barrier first; median over `--reps`). Reference: a single-process `dst.copy_(src)` of the same number
-of bytes between two pre-touched buffers (torch's default threads, same run, median over `--reps`); the
-ratio export / memcpy is printed (target >= 0.3). Rank 0's peak extra RSS during the export (VmHWM
-after `/proc/self/clear_refs`, above the post-build RSS) is printed too: the bridge promises one bucket
-plus one gathered parameter; the drain drops each bucket before asking for the next, as the bridge asks.
+the bucket would, and drops it before asking for the next, as the bridge asks. Two references, both
+measured in the same run (median over `--reps`):
+- memcpy: loop GB/s = HF bytes received on rank 0 / wall time of the whole loop on rank 0 (drain
+  included; barrier first), against a single-process `dst.copy_(src)` of the same number of bytes
+  between two pre-touched buffers (torch's default threads); ratio export / memcpy (target >= 0.3).
+  Rank 0's peak extra RSS during the export (VmHWM after `/proc/self/clear_refs`, above the post-build
+  RSS) is printed too: the bridge promises one bucket plus one gathered parameter.
+- the transport: the export's own all-gathers replayed raw in the same processes, over the same process
+  groups (gloo here; whatever backend the groups have, e.g. NCCL on GPU), same dtype, same order, into
+  one pre-allocated, pre-touched output buffer, timed on rank 0 in each rep right after the export.
+  "whole": one collective per gathered parameter with its whole shard as input (a TP-split parameter
+  over its TP group, an expert over the EP group), as a plain caller would gather; "chunks": exactly the
+  collectives the export issued (its row chunks through its staging buffer, recorded in an untimed
+  export by wrapping the export's all-gather). GB/s is defined the same way on both sides: bytes the
+  collectives deliver on rank 0 (sum of their outputs: group size x shard bytes) / seconds, where the
+  export's seconds are the loop's minus rank 0's drain (the consumer's work), so ratio =
+  all_gather seconds / export seconds (target >= 0.7). Under "whole" and "chunks" the first column is
+  the number of collectives.
 
 (b) Converters: a random Qwen3 HF model of each `--convert-gb` size (default 1.5 GB) is saved with
 `save_pretrained(max_shard_size=--max-shard)` (default 500MB, so there are several shards), then
