@@ -5,12 +5,24 @@ random init, built by `build_gpt_model`) at TP2 (a dense Qwen3: MoE with TP>1 ne
 parallelism, which has no CPU path) and at EP2 (a Qwen3-MoE of about the same size), 2 gloo ranks
 (`run_on_ranks`, 1 torch thread each). Every rank iterates the generator; rank 0 drains each bucket by
 copying every tensor's bytes into one preallocated (pre-touched) byte buffer, as a consumer that ships
-the bucket would. Export GB/s = HF bytes received on rank 0 / wall time of the whole loop on rank 0
-(barrier first; median over `--reps`). Reference: a single-process `dst.copy_(src)` of the same number
-of bytes between two pre-touched buffers (torch's default threads, same run, median over `--reps`); the
-ratio export / memcpy is printed (target >= 0.3). Rank 0's peak extra RSS during the export (VmHWM
-after `/proc/self/clear_refs`, above the post-build RSS) is printed too: the bridge promises one bucket
-plus one gathered parameter; the drain drops each bucket before asking for the next, as the bridge asks.
+the bucket would, and drops it before asking for the next, as the bridge asks. Two references, both
+measured in the same run (median over `--reps`):
+- memcpy: loop GB/s = HF bytes received on rank 0 / wall time of the whole loop on rank 0 (drain
+  included; barrier first), against a single-process `dst.copy_(src)` of the same number of bytes
+  between two pre-touched buffers (torch's default threads); ratio export / memcpy (target >= 0.3).
+  Rank 0's peak extra RSS during the export (VmHWM after `/proc/self/clear_refs`, above the post-build
+  RSS) is printed too: the bridge promises one bucket plus one gathered parameter.
+- the transport: the export's own all-gathers replayed raw in the same processes, over the same process
+  groups (gloo here; whatever backend the groups have, e.g. NCCL on GPU), same dtype, same order, into
+  one pre-allocated, pre-touched output buffer, timed on rank 0 in each rep right after the export.
+  "whole": one collective per gathered parameter with its whole shard as input (a TP-split parameter
+  over its TP group, an expert over the EP group), as a plain caller would gather; "chunks": exactly the
+  collectives the export issued (its row chunks through its staging buffer, recorded in an untimed
+  export by wrapping the export's all-gather). GB/s is defined the same way on both sides: bytes the
+  collectives deliver on rank 0 (sum of their outputs: group size x shard bytes) / seconds, where the
+  export's seconds are the loop's minus rank 0's drain (the consumer's work), so ratio =
+  all_gather seconds / export seconds (target >= 0.7). Under "whole" and "chunks" the first column is
+  the number of collectives.
 
 (b) Converters: a random Qwen3 HF model of each `--convert-gb` size (default 1.5 GB) is saved with
 `save_pretrained(max_shard_size=--max-shard)` (default 500MB, so there are several shards), then
@@ -87,6 +99,62 @@ def _export_config(layout: str, args: argparse.Namespace):  # -> transformers Pr
     )
 
 
+def _gathers(model, hf_config) -> list[tuple[object, torch.Tensor]]:
+    """The all-gathers the export runs on this rank, one per gathered parameter, in its order:
+    (group, input shard). TP-split parameters over their TP group (expert-TP for experts), experts over
+    the EP group (its input is then the TP-gathered tensor: a stand-in of that shape when TP > 1)."""
+    from megatron_sapo.bridge.arch import mapping_table
+    from megatron_sapo.bridge.layout import ParallelGroups, group_size, local_parameters, model_chunks
+
+    groups, table = ParallelGroups.from_parallel_state(), mapping_table(hf_config)
+    out = []
+    for lp in local_parameters(model_chunks(model), table, groups):
+        if not lp.mapping.exported(table.dims):
+            continue
+        shard, tp = lp.param.detach(), group_size(lp.tp_group)
+        if lp.mapping.split is not None and tp > 1:
+            out.append((lp.tp_group, shard))
+            shard = shard.new_ones(lp.mapping.full_shape(tuple(shard.shape), tp))
+        if lp.mapping.is_expert and group_size(groups.ep) > 1:
+            out.append((groups.ep, shard))
+    return out
+
+
+def _export_chunks(model, hf_config, bucket_bytes: int) -> list[tuple[object, torch.Tensor]]:
+    """The collectives one export really issues on this rank (row chunks through its staging buffer),
+    recorded by wrapping the export's all-gather for one untimed run: (group, a stand-in input)."""
+    from megatron_sapo.bridge import export as export_module
+
+    calls, real = [], export_module._all_gather_single
+
+    def record(out: torch.Tensor, piece: torch.Tensor, group=None) -> None:
+        calls.append((group, torch.ones_like(piece)))
+        real(out, piece, group=group)
+
+    export_module._all_gather_single = record
+    try:
+        for bucket in export_module.export_hf_weights(model, hf_config, bucket_bytes=bucket_bytes):
+            del bucket
+    finally:
+        export_module._all_gather_single = real
+    return calls
+
+
+def _all_gather_seconds(gathers: list[tuple[object, torch.Tensor]], buffer: torch.Tensor) -> float:
+    """One pass of the raw collectives: each input all-gathered over its group into a view of `buffer`
+    (pre-allocated, pre-touched, reused), in order."""
+    import torch.distributed as dist
+
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    dist.barrier()
+    t0 = time.perf_counter()
+    for group, shard in gathers:
+        n = dist.get_world_size(group)
+        out = buffer[: n * shard.numel() * shard.element_size()].view(shard.dtype)
+        gather(out, shard.reshape(-1), group=group)
+    return time.perf_counter() - t0
+
+
 def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespace) -> dict:
     import torch.distributed as dist
 
@@ -100,17 +168,24 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
     model = build_gpt_model(hf_config).eval()
     local_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer = torch.ones(max(args.buckets_mib) << 20, dtype=torch.uint8)  # pre-touched drain target
-    out = {"local_bytes": local_bytes, "runs": {}}
+    gathers = _gathers(model, hf_config)
+    gathered = sum(dist.get_world_size(g) * t.numel() * t.element_size() for g, t in gathers)
+    gather_out = torch.ones(
+        max((dist.get_world_size(g) * t.numel() * t.element_size() for g, t in gathers), default=1),
+        dtype=torch.uint8,
+    )
+    out = {"local_bytes": local_bytes, "gathered": gathered, "collectives": len(gathers), "runs": {}}
     for mib in args.buckets_mib:
-        times, peaks, received = [], [], 0
+        chunks = _export_chunks(model, hf_config, mib << 20)
+        times, drains, raw, raw_chunks, peaks, received = [], [], [], [], [], 0
         for _ in range(args.reps):
             dist.barrier()
             Path("/proc/self/clear_refs").write_text("5")
             base_kb = _status_kb("VmRSS")
             t0 = time.perf_counter()
-            received = 0
+            received, drain = 0, 0.0
             for bucket in export_hf_weights(model, hf_config, bucket_bytes=mib << 20, dst_ranks=(0,)):
-                offset = 0
+                d0, offset = time.perf_counter(), 0
                 for _, tensor in bucket:
                     flat = tensor.reshape(-1).view(torch.uint8)
                     if offset + flat.numel() > buffer.numel():  # a single tensor above the bucket size
@@ -119,18 +194,21 @@ def _export_rank(rank: int, world_size: int, layout: str, args: argparse.Namespa
                     offset += flat.numel()
                 received += offset
                 bucket = tensor = flat = None  # loop variables would keep this bucket alive during the next
+                drain += time.perf_counter() - d0
             times.append(time.perf_counter() - t0)
+            drains.append(drain)
             peaks.append((_status_kb("VmHWM") - base_kb) << 10)
-        out["runs"][mib] = {"bytes": received, "times": times, "peak_extra": max(peaks)}
-    # The transport alone: all_gather of 64 MiB per rank (bytes landing on rank 0 / time).
-    shard, times = torch.ones(16 << 20), []
-    gathered = [torch.empty_like(shard) for _ in range(world_size)]
-    for _ in range(args.reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        dist.all_gather(gathered, shard)
-        times.append(time.perf_counter() - t0)
-    out["all_gather_gbps"] = world_size * shard.numel() * 4 / statistics.median(times) / GB
+            raw.append(_all_gather_seconds(gathers, gather_out))  # same reps: same load
+            raw_chunks.append(_all_gather_seconds(chunks, gather_out))
+        out["runs"][mib] = {
+            "bytes": received,
+            "times": times,
+            "drains": drains,
+            "all_gather": raw,
+            "chunks": raw_chunks,
+            "collectives": len(chunks),
+            "peak_extra": max(peaks),
+        }
     return out
 
 
@@ -151,21 +229,43 @@ def bench_export(args: argparse.Namespace) -> None:
         f"intermediate={args.intermediate} (EP2: {args.experts} experts x {args.intermediate // args.experts})"
         f", fp32, 2 gloo ranks x 1 thread, reps={args.reps}; memcpy: {torch.get_num_threads()} threads"
     )
-    header = f"{'layout':<6} {'bucket':>8} {'GB':>6} {'export s':>9} {'GB/s':>6} {'memcpy GB/s':>11}"
-    print(header + f" {'ratio':>6} {'rank0 peak extra':>17}  export times")
-    for layout in args.layouts:
-        result = run_on_ranks(_export_rank, world_size=2, args=(layout, args), timeout=1800)
-        print(
-            f"{layout}: {result[0]['local_bytes'] / GB:.2f} GB of parameters on rank 0; "
-            f"gloo all_gather (2 x 64 MiB) {result[0]['all_gather_gbps']:.2f} GB/s"
-        )
-        for mib, run in result[0]["runs"].items():
+    results = {layout: run_on_ranks(_export_rank, world_size=2, args=(layout, args), timeout=1800)[0]
+               for layout in args.layouts}  # fmt: skip
+    print("-- vs memcpy (loop = export + rank 0's drain; GB = HF bytes received on rank 0)")
+    print(
+        f"{'layout':<6} {'bucket':>8} {'GB':>6} {'loop s':>7} {'GB/s':>6} {'memcpy GB/s':>11} {'ratio':>6} "
+        f"{'rank0 peak extra':>17}  loop times"
+    )
+    for layout, result in results.items():
+        for mib, run in result["runs"].items():
             nbytes, t = run["bytes"], statistics.median(run["times"])
             copy = statistics.median(_memcpy_times(nbytes, args.reps))
             print(
-                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {t:>9.2f} {nbytes / t / GB:>6.2f} "
+                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {t:>7.2f} {nbytes / t / GB:>6.2f} "
                 f"{nbytes / copy / GB:>11.2f} {copy / t:>6.2f} {run['peak_extra'] / 2**20:>13.0f} MiB  "
                 + ", ".join(f"{x:.2f}" for x in run["times"])
+            )
+    print(
+        "-- vs the transport (export = loop - drain; all_gather = the export's collectives run raw into a "
+        "pre-touched buffer: whole = one per gathered shard, chunks = the export's own row chunks; "
+        "GB = bytes the collectives deliver on rank 0; ratio = export GB/s / all_gather GB/s)"
+    )
+    print(
+        f"{'layout':<6} {'bucket':>8} {'GB':>6} {'export s':>8} {'GB/s':>6} | {'whole':>5} {'s':>5} "
+        f"{'GB/s':>5} {'ratio':>5} | {'chunks':>6} {'s':>5} {'GB/s':>5} {'ratio':>5}  export / whole / chunks s"
+    )
+    for layout, result in results.items():
+        nbytes = result["gathered"]
+        for mib, run in result["runs"].items():
+            exports = [t - d for t, d in zip(run["times"], run["drains"], strict=True)]
+            export, whole, chunks = map(statistics.median, (exports, run["all_gather"], run["chunks"]))
+            print(
+                f"{layout:<6} {mib:>4} MiB {nbytes / GB:>6.2f} {export:>8.2f} {nbytes / export / GB:>6.2f} | "
+                f"{result['collectives']:>5} {whole:>5.2f} {nbytes / whole / GB:>5.2f} {whole / export:>5.2f} | "
+                f"{run['collectives']:>6} {chunks:>5.2f} {nbytes / chunks / GB:>5.2f} {chunks / export:>5.2f}  "
+                + " / ".join(
+                    ", ".join(f"{x:.2f}" for x in xs) for xs in (exports, run["all_gather"], run["chunks"])
+                )
             )
 
 

@@ -12,7 +12,8 @@ same points, so all ranks yield the same number of times:
 How: the PP stages exchange the list of HF tensors they hold (names, shapes, dtypes) once; then stage by
 stage, parameter by parameter, the stage's ranks all-gather one parameter over its TP (expert-TP for
 experts) group and its experts over the EP group, convert it with the architecture's mapping table, and
-the stage's rank in a destination's PP group sends it point-to-point to that destination. Bucket
+the stage's rank in a destination's PP group sends it point-to-point to that destination. A rank that
+neither yields nor forwards a parameter takes part in its collectives without assembling it. Bucket
 boundaries are planned from the metadata, so they agree on every rank.
 
 Extra memory per rank: one bucket plus one gathered parameter. A parameter that would overflow the open
@@ -108,41 +109,52 @@ class _Staging:
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def _gather_rows(out: torch.Tensor, piece: torch.Tensor, group: dist.ProcessGroup, staging: _Staging) -> None:
+def _gather_rows(
+    out: torch.Tensor | None, piece: torch.Tensor, group: dist.ProcessGroup, staging: _Staging
+) -> None:
     """out[r] = rank r's `piece` over `group`; `out` [n, rows, *tail] may be a strided view, `piece`
-    [rows, *tail]. Row chunks of at most the staging buffer's size per collective."""
-    n, rows, tail = out.shape[0], out.shape[1], tuple(out.shape[2:])
+    [rows, *tail]. Row chunks of at most the staging buffer's size per collective. `out=None`: take
+    part in the collectives only (the gathered rows are not kept)."""
+    n, rows, tail = group_size(group), piece.shape[0], tuple(piece.shape[1:])
     step = max(1, staging.nbytes // max(1, n * torch.Size(tail).numel() * piece.element_size()))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
         staged = staging.take((n * (stop - start), *tail), piece)
         _all_gather_single(staged, piece[start:stop].contiguous(), group=group)
-        out[:, start:stop].copy_(staged.view(n, stop - start, *tail))
+        if out is not None:
+            out[:, start:stop].copy_(staged.view(n, stop - start, *tail))
         del staged
 
 
 @torch.no_grad()
 def _gather(
-    lp: LocalParam, table: MappingTable, groups: ParallelGroups, staging: _Staging
+    lp: LocalParam, table: MappingTable, groups: ParallelGroups, staging: _Staging, *, keep: bool
 ) -> list[torch.Tensor]:
     """Full HF tensors of one parameter, in `_unit_meta` order (collective over TP / expert-TP and EP).
 
-    Extra memory: the full (TP- and EP-gathered) tensor, plus q/k/v copies for fused QKV.
+    `keep=False` (a rank that neither yields nor forwards them): take part in the collectives without
+    assembling the result, and return []; only a TP-gathered expert that the EP gather sends is built.
+    Extra memory when kept: the full (TP- and EP-gathered) tensor, plus q/k/v copies for fused QKV.
     """
     full = lp.param.detach()
-    tp = group_size(lp.tp_group)
+    tp, ep_gather = group_size(lp.tp_group), lp.mapping.is_expert and group_size(groups.ep) > 1
     if lp.mapping.split is not None and tp > 1:
-        shard, start = full, 0
-        full = shard.new_empty(lp.mapping.full_shape(tuple(shard.shape), tp))
+        shard, start, build = full, 0, keep or ep_gather  # the EP gather sends the TP-gathered tensor
+        full = shard.new_empty(
+            lp.mapping.full_shape(tuple(shard.shape), tp), device=None if build else "meta"
+        )
         for view in lp.mapping.tp_views(full, tp):
-            _gather_rows(view, shard[start : start + view.shape[1]], lp.tp_group, staging)
-            start += view.shape[1]
+            rows = view.shape[1]
+            _gather_rows(view if build else None, shard[start : start + rows], lp.tp_group, staging)
+            start += rows
     fulls = [full]
-    if lp.mapping.is_expert and group_size(groups.ep) > 1:
-        stacked = full.new_empty((group_size(groups.ep), *full.shape))
+    if ep_gather:
+        stacked = full.new_empty((group_size(groups.ep), *full.shape)) if keep else None
         _gather_rows(stacked, full, groups.ep, staging)
-        fulls = list(stacked.unbind(0))
+        fulls = list(stacked.unbind(0)) if keep else []
     del full
+    if not keep:
+        return []
     return [out.contiguous() for full in fulls for out in lp.mapping.to_hf(full, table.dims)]
 
 
@@ -247,7 +259,10 @@ def export_hf_weights(
                 bucket = []
             tensors: list[torch.Tensor | None] = [None] * len(unit)
             if stage == my_stage:
-                tensors = list(_gather(units[unit_index], table, groups, staging))
+                # a rank that neither yields nor forwards them only takes part in the collectives
+                kept = _gather(units[unit_index], table, groups, staging, keep=is_dst or bool(forward_to))
+                if kept:
+                    tensors = kept
                 for dst in forward_to:
                     for tensor in tensors:
                         dist.send(tensor, dst)
