@@ -1,6 +1,7 @@
-"""Plots of a run's metrics rows (what `metrics.jsonl` holds): reward, eval accuracy, SAPO diagnostics.
+"""Plots of a run's metrics rows (what `metrics.jsonl` holds): reward, eval accuracy, SAPO diagnostics, and
+where each step's time went.
 
-plot_run(rows, "outputs/quickstart/plots")   # -> reward.png, eval_accuracy.png, diagnostics.png
+plot_run(rows, "outputs/quickstart/plots")   # -> reward.png, eval_accuracy.png, diagnostics.png, time.png
 """
 
 from __future__ import annotations
@@ -62,4 +63,23 @@ def plot_run(rows: Sequence[dict], out_dir: str | Path) -> list[Path]:
         fig.savefig(out / "diagnostics.png", dpi=120)
         plt.close(fig)
         written.append(out / "diagnostics.png")
+    timed = [r for r in rows if "time/step_s" in r and "time/other_s" in r]
+    if timed:
+        from megatron_sapo.train.loop import PHASES  # the loop's own split (other_s: the gaps between)
+
+        keys = [k for k in (*PHASES, "time/other_s") if any(r.get(k, 0.0) > 0 for r in timed)]
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        ax.stackplot(
+            [r["step"] for r in timed],
+            [[max(r.get(k, 0.0), 0.0) for r in timed] for k in keys],
+            labels=[k.removeprefix("time/").removesuffix("_s") for k in keys],
+        )
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("seconds (stacked = time/step_s)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "time.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "time.png")
     return written

@@ -101,6 +101,7 @@ def test_three_steps_each_loss_writes_outputs(loss, tmp_path) -> None:
         "reward.png",
         "eval_accuracy.png",
         "diagnostics.png",
+        "time.png",  # the step's time split, stacked
     }
     assert (out / "config.yaml").is_file() and (
         out / "checkpoints" / "latest_checkpointed_iteration.txt"
