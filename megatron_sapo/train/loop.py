@@ -255,7 +255,7 @@ def _rl_step(
         version=str(step) if guarded else None,
         threshold=cfg.rollout.guard_threshold if guarded else math.inf,
     )
-    metrics = _update_policy(policy, samples if driver else None, check)
+    _, metrics = _update_policy(policy, samples if driver else None, check)
     if not math.isfinite(metrics["loss"]):
         # step + 1: the metrics.jsonl row this step writes
         log.warning(
@@ -299,12 +299,13 @@ def _rl_step(
 
 def _update_policy(
     policy: PolicyEngine, samples: list[Sample] | None, check: Callable[..., dict] | None = None
-) -> dict[str, float]:
+) -> tuple[list[torch.Tensor] | None, dict[str, float]]:
     """Every rank: one step's pi_old pass and mini-batch updates, each DP rank on its share only.
 
-    Global rank 0 passes the step's samples, the others None. Returns the train metrics, DP-global, with
-    time/logprobs_s and time/train_s (and on rank 0 what `check(pi_old log-probs)` returned: the rollout
-    check). Non-finite log-probs raise `PolicyDiverged`, a rollout the engine generated with other weights
+    Global rank 0 passes the step's samples, the others None. Returns (on rank 0 the pi_old log-probs
+    `[n_response_i]` of every sample in the step's order, elsewhere None; the train metrics, DP-global,
+    with time/logprobs_s and time/train_s, and on rank 0 what `check(pi_old log-probs)` returned: the
+    rollout check). Non-finite log-probs raise `PolicyDiverged`, a rollout the engine generated with other weights
     than the trainer's `WeightSyncMismatch`, on every rank, before any update.
     """
     t = time.perf_counter()
@@ -321,7 +322,12 @@ def _update_policy(
     t_logprobs = time.perf_counter() - t
     t = time.perf_counter()
     metrics = policy.train_step(share, old)
-    return {**metrics, **checked, "time/logprobs_s": t_logprobs, "time/train_s": time.perf_counter() - t}
+    return old_all, {
+        **metrics,
+        **checked,
+        "time/logprobs_s": t_logprobs,
+        "time/train_s": time.perf_counter() - t,
+    }
 
 
 def _from_driver(fn: Callable[[], Any], *, driver_only: bool = False) -> Any:
