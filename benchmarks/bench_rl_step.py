@@ -106,10 +106,14 @@ def _replay(url: str, key, model_dir: str, prompts: list[list[int]], cfg: dict, 
         "return_logprob": True,  # as the loop asks: the engine's log-probs travel back either way
     }
     client, native = [], []
+    flush = {"headers": key.headers("/flush_cache"), "timeout": 60}
     for _ in range(reps):
+        # the loop's requests follow a weight sync, which empties the prefix cache: so do these
+        requests.post(f"{url}/flush_cache", **flush).raise_for_status()
         t = time.perf_counter()
         gens = engine.generate(prompts, sampling, n=n)
         client.append(sum(len(g.token_ids) for g in gens) / (time.perf_counter() - t))
+        requests.post(f"{url}/flush_cache", **flush).raise_for_status()
         t = time.perf_counter()
         answer = requests.post(f"{url}/generate", json=payload, headers=key.headers("/generate"), timeout=600)
         answer.raise_for_status()

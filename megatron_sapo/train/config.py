@@ -120,12 +120,16 @@ class RunSettings:
     """Weights & Biases project to log to; null = no W&B."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    cpu_threads: int = 1
+    """torch threads of each trainer process on CPU (0 = torch's default, one per core). 1 measured fastest
+    here for the tiny and the 7M-parameter MoE (2 threads: 1.9x / 1.1x slower updates, and idle OpenMP
+    workers spinning beside the SGLang server; benchmarks/RESULTS.md, bench_rl_step). GPU runs: unused."""
 
     def __post_init__(self) -> None:
         check(bool(self.output_dir), "output_dir", "must not be empty")
         check_min(self, "eval_samples", "log_every")
         check_min(self, "steps", minimum=0)
-        check_min(self, "seed", "eval_every", "save_every", "keep_last", minimum=0)
+        check_min(self, "seed", "eval_every", "save_every", "keep_last", "cpu_threads", minimum=0)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from megatron_sapo.cluster.launch import Launch, every_node_engines, resolve
 from megatron_sapo.megatron.parallel import (
     LayoutError,
     check_layout,
+    device,
     gpu_count,
     init_parallel,
     init_process_group,
@@ -65,6 +66,8 @@ def init_distributed(cfg: TrainJobConfig) -> Launch:
     if dist.get_rank() == 0:
         log.warning("%s; layout tp=%d pp=%d ep=%d etp=%s", launch.describe(), p.tp, p.pp, p.ep, p.etp or p.tp)
     init_parallel(p, seed=cfg.run.seed)  # checks the layout against the world size first
+    if device().type == "cpu" and cfg.run.cpu_threads:
+        torch.set_num_threads(cfg.run.cpu_threads)  # the tiny CPU models run fastest on one (run.cpu_threads)
     return launch
 
 
