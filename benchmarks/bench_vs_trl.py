@@ -229,6 +229,7 @@ class Side:
     rollout_s: float
     acc_start: float = float("nan")
     acc_final: float = float("nan")
+    load: float = float("nan")
 
     @property
     def median_step_s(self) -> float:
@@ -251,6 +252,7 @@ class Side:
             "acc_start": self.acc_start,
             "acc_final": self.acc_final,
             "acc_gain": self.acc_final - self.acc_start,
+            "load_avg": self.load,
         }
 
 
@@ -261,7 +263,7 @@ def format_table(size: str, steps: int, sides: list[Side]) -> str:
     """The result table of one size, with ours/TRL ratios when both sides ran."""
     head = (
         f"{'side':<14}{'median step s':>14}{'steps/s':>9}{'whole run s':>12}{'steps/s whole':>14}"
-        f"{'start-up+end s':>15}{'rollout %':>10}{'gen tok/s':>10}{'peak RSS MiB':>13}  eval start -> final (gain)"
+        f"{'start-up+end s':>15}{'rollout %':>10}{'gen tok/s':>10}{'peak RSS MiB':>13}{'load':>6}  eval start -> final (gain)"
     )
     lines = [f"size={size} RL steps={steps}", head]
     rows = {s.name: s.row() for s in sides}
@@ -269,7 +271,7 @@ def format_table(size: str, steps: int, sides: list[Side]) -> str:
         lines.append(
             f"{name:<14}{r['median_step_s']:>14.3f}{r['steps_per_s_median']:>9.2f}{r['whole_run_s']:>12.1f}"
             f"{r['steps_per_s_whole']:>14.2f}{r['overhead_s']:>15.1f}{100 * r['rollout_share']:>10.0f}"
-            f"{r['gen_tokens_per_s']:>10.0f}{r['peak_rss_mib']:>13.0f}"
+            f"{r['gen_tokens_per_s']:>10.0f}{r['peak_rss_mib']:>13.0f}{r['load_avg']:>6.1f}"
             f"  {r['acc_start']:.2f} -> {r['acc_final']:.2f} ({100 * r['acc_gain']:+.0f} points)"
         )
     if {"megatron-sapo", "trl"} <= rows.keys():
@@ -280,13 +282,14 @@ def format_table(size: str, steps: int, sides: list[Side]) -> str:
     return "\n".join(lines)
 
 
-class PeakRss:
-    """Largest sum of RSS over a process and all its descendants, sampled every `interval` seconds."""
+class TreeMonitor:
+    """Largest sum of RSS over a process and all its descendants, and the mean 1-minute load average of
+    the machine (other users' jobs included), sampled every `interval` seconds."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         import psutil
 
-        self._root, self._interval, self.peak = psutil.Process(pid), interval, 0
+        self._root, self._interval, self.peak, self._loads = psutil.Process(pid), interval, 0, []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -303,16 +306,18 @@ class PeakRss:
             except psutil.Error:
                 pass
             self.peak = max(self.peak, total)
+            self._loads.append(os.getloadavg()[0])
             self._stop.wait(self._interval)
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(peak tree RSS MiB, mean load average)."""
         self._stop.set()
         self._thread.join()
-        return self.peak / 2**20
+        return self.peak / 2**20, statistics.fmean(self._loads or [float("nan")])
 
 
-def _run_child(cmd: list[str], log_path: Path) -> tuple[float, float]:
-    """(wall seconds, peak tree RSS MiB) of a child process; raises if it fails."""
+def _run_child(cmd: list[str], log_path: Path) -> tuple[float, float, float]:
+    """(wall seconds, peak tree RSS MiB, mean load average) of a child process; raises if it fails."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -320,14 +325,14 @@ def _run_child(cmd: list[str], log_path: Path) -> tuple[float, float]:
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        rss = PeakRss(proc.pid)
+        monitor = TreeMonitor(proc.pid)
         rc = proc.wait()
         wall = time.perf_counter() - t0
-    peak = rss.stop()
+    peak, load = monitor.stop()
     if rc != 0:
         tail = log_path.read_text().splitlines()[-20:]
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {rc}; log {log_path}:\n" + "\n".join(tail))
-    return wall, peak
+    return wall, peak, load
 
 
 def _train_cmd(overrides: list[str]) -> list[str]:
@@ -349,7 +354,7 @@ def prepare(size: str, steps: int, work: Path) -> tuple[Job, Path, list[dict], l
         # cold-start policy; the in-process engine, since the cold start needs no SGLang server
         rl_noop = ["run.steps=1", "optim.lr=0", "optim.warmup_steps=0", "rollout.engine=transformers"]
         cmd = _train_cmd([*extra, *rl_noop, f"run.output_dir={start}"])
-        wall, _ = _run_child(cmd, work / "start.log")
+        wall, _, _ = _run_child(cmd, work / "start.log")
         print(f"start policy: {start / 'hf'} ({wall:.0f} s: build + cold start + export)", flush=True)
     cfg = load_config(TrainJobConfig, QUICKSTART, extra)
     job = job_from_config(cfg, steps)
@@ -364,7 +369,7 @@ def prepare(size: str, steps: int, work: Path) -> tuple[Job, Path, list[dict], l
 
 def run_ours(job: Job, start: Path, work: Path) -> Side:
     out = work / "ours"
-    wall, peak = _run_child(_train_cmd(ours_overrides(job, start, out)), work / "ours.log")
+    wall, peak, load = _run_child(_train_cmd(ours_overrides(job, start, out)), work / "ours.log")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step_s" in r]
     return Side(
@@ -374,6 +379,7 @@ def run_ours(job: Job, start: Path, work: Path) -> Side:
         generated_tokens=round(sum(r["rollout/response_len"] * r["rollout/samples"] for r in rows)),
         peak_rss_mib=peak,
         rollout_s=sum(r["time/rollout_s"] for r in rows),
+        load=load,
     )
 
 
@@ -382,7 +388,7 @@ def run_trl(job: Job, start: Path, train: list[dict], work: Path, experts: str) 
     out.mkdir(parents=True, exist_ok=True)
     spec = {"job": asdict(job), "start": str(start), "train": train, "experts": experts}
     (out / "job.json").write_text(json.dumps(spec))
-    wall, peak = _run_child([sys.executable, __file__, "trl-child", str(out)], work / "trl.log")
+    wall, peak, load = _run_child([sys.executable, __file__, "trl-child", str(out)], work / "trl.log")
     t = json.loads((out / "times.json").read_text())
     return Side(
         name="trl",
@@ -391,6 +397,7 @@ def run_trl(job: Job, start: Path, train: list[dict], work: Path, experts: str) 
         generated_tokens=t["generated_tokens"],
         peak_rss_mib=peak,
         rollout_s=t["rollout_s"],
+        load=load,
     )
 
 
