@@ -52,7 +52,9 @@ Measured per side: RL steps/s from the median step time (megatron-sapo: its `tim
 update + weight sync + sync check; TRL: wall time between the ends of every 4th optimizer step, i.e.
 generation + reward + π_old + 4 updates + its logging), and for the whole run (process start to exit,
 start-up and the final save included); generated tokens/s = completion tokens (EOS included) over the RL
-steps / the sum of the step times; peak RSS. Where the time goes: rollout (generation + reward + π_old
+steps / the sum of the step times; peak RSS; CPU seconds (user + system of the whole process tree over the
+whole run) per RL step, which others' jobs on a shared machine stretch far less than wall time; the mean
+1-minute load average while the side ran. Where the time goes: rollout (generation + reward + π_old
 pass on TRL's side, as it does them together) vs the rest of the step. `--size large` is a policy where
 compute dominates the fixed per-step costs (see SIZES).
 Tests: tests/unit/test_bench_vs_trl.py (knob mapping and table, without TRL).
@@ -66,6 +68,7 @@ import importlib.metadata as md
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -230,6 +233,7 @@ class Side:
     acc_start: float = float("nan")
     acc_final: float = float("nan")
     load: float = float("nan")
+    cpu_s: float = float("nan")
 
     @property
     def median_step_s(self) -> float:
@@ -253,17 +257,18 @@ class Side:
             "acc_final": self.acc_final,
             "acc_gain": self.acc_final - self.acc_start,
             "load_avg": self.load,
+            "cpu_s_per_step": self.cpu_s / len(self.step_s),
         }
 
 
-RATIOS = ("steps_per_s_median", "steps_per_s_whole", "gen_tokens_per_s", "peak_rss_mib")
+RATIOS = ("steps_per_s_median", "steps_per_s_whole", "gen_tokens_per_s", "peak_rss_mib", "cpu_s_per_step")
 
 
 def format_table(size: str, steps: int, sides: list[Side]) -> str:
     """The result table of one size, with ours/TRL ratios when both sides ran."""
     head = (
         f"{'side':<14}{'median step s':>14}{'steps/s':>9}{'whole run s':>12}{'steps/s whole':>14}"
-        f"{'start-up+end s':>15}{'rollout %':>10}{'gen tok/s':>10}{'peak RSS MiB':>13}{'load':>6}  eval start -> final (gain)"
+        f"{'start-up+end s':>15}{'rollout %':>10}{'gen tok/s':>10}{'peak RSS MiB':>13}{'CPU s/step':>11}{'load':>6}  eval start -> final (gain)"
     )
     lines = [f"size={size} RL steps={steps}", head]
     rows = {s.name: s.row() for s in sides}
@@ -271,7 +276,7 @@ def format_table(size: str, steps: int, sides: list[Side]) -> str:
         lines.append(
             f"{name:<14}{r['median_step_s']:>14.3f}{r['steps_per_s_median']:>9.2f}{r['whole_run_s']:>12.1f}"
             f"{r['steps_per_s_whole']:>14.2f}{r['overhead_s']:>15.1f}{100 * r['rollout_share']:>10.0f}"
-            f"{r['gen_tokens_per_s']:>10.0f}{r['peak_rss_mib']:>13.0f}{r['load_avg']:>6.1f}"
+            f"{r['gen_tokens_per_s']:>10.0f}{r['peak_rss_mib']:>13.0f}{r['cpu_s_per_step']:>11.2f}{r['load_avg']:>6.1f}"
             f"  {r['acc_start']:.2f} -> {r['acc_final']:.2f} ({100 * r['acc_gain']:+.0f} points)"
         )
     if {"megatron-sapo", "trl"} <= rows.keys():
@@ -316,12 +321,15 @@ class TreeMonitor:
         return self.peak / 2**20, statistics.fmean(self._loads or [float("nan")])
 
 
-def _run_child(cmd: list[str], log_path: Path) -> tuple[float, float, float]:
-    """(wall seconds, peak tree RSS MiB, mean load average) of a child process; raises if it fails."""
+def _run_child(cmd: list[str], log_path: Path) -> tuple[float, float, float, float]:
+    """(wall seconds, peak tree RSS MiB, mean load average, CPU seconds) of a child process; raises if it
+    fails. CPU seconds: user + system time of the child and every descendant it reaped (SGLang servers
+    included), which the other users' load stretches far less than wall time."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -329,10 +337,12 @@ def _run_child(cmd: list[str], log_path: Path) -> tuple[float, float, float]:
         rc = proc.wait()
         wall = time.perf_counter() - t0
     peak, load = monitor.stop()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     if rc != 0:
         tail = log_path.read_text().splitlines()[-20:]
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {rc}; log {log_path}:\n" + "\n".join(tail))
-    return wall, peak, load
+    return wall, peak, load, cpu
 
 
 def _train_cmd(overrides: list[str]) -> list[str]:
@@ -354,7 +364,7 @@ def prepare(size: str, steps: int, work: Path) -> tuple[Job, Path, list[dict], l
         # cold-start policy; the in-process engine, since the cold start needs no SGLang server
         rl_noop = ["run.steps=1", "optim.lr=0", "optim.warmup_steps=0", "rollout.engine=transformers"]
         cmd = _train_cmd([*extra, *rl_noop, f"run.output_dir={start}"])
-        wall, _, _ = _run_child(cmd, work / "start.log")
+        wall, *_ = _run_child(cmd, work / "start.log")
         print(f"start policy: {start / 'hf'} ({wall:.0f} s: build + cold start + export)", flush=True)
     cfg = load_config(TrainJobConfig, QUICKSTART, extra)
     job = job_from_config(cfg, steps)
@@ -369,7 +379,7 @@ def prepare(size: str, steps: int, work: Path) -> tuple[Job, Path, list[dict], l
 
 def run_ours(job: Job, start: Path, work: Path) -> Side:
     out = work / "ours"
-    wall, peak, load = _run_child(_train_cmd(ours_overrides(job, start, out)), work / "ours.log")
+    wall, peak, load, cpu = _run_child(_train_cmd(ours_overrides(job, start, out)), work / "ours.log")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/step_s" in r]
     return Side(
@@ -380,6 +390,7 @@ def run_ours(job: Job, start: Path, work: Path) -> Side:
         peak_rss_mib=peak,
         rollout_s=sum(r["time/rollout_s"] for r in rows),
         load=load,
+        cpu_s=cpu,
     )
 
 
@@ -388,7 +399,7 @@ def run_trl(job: Job, start: Path, train: list[dict], work: Path, experts: str) 
     out.mkdir(parents=True, exist_ok=True)
     spec = {"job": asdict(job), "start": str(start), "train": train, "experts": experts}
     (out / "job.json").write_text(json.dumps(spec))
-    wall, peak, load = _run_child([sys.executable, __file__, "trl-child", str(out)], work / "trl.log")
+    wall, peak, load, cpu = _run_child([sys.executable, __file__, "trl-child", str(out)], work / "trl.log")
     t = json.loads((out / "times.json").read_text())
     return Side(
         name="trl",
@@ -398,6 +409,7 @@ def run_trl(job: Job, start: Path, train: list[dict], work: Path, experts: str) 
         peak_rss_mib=peak,
         rollout_s=t["rollout_s"],
         load=load,
+        cpu_s=cpu,
     )
 
 

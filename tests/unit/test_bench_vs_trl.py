@@ -73,11 +73,12 @@ def test_mini_batches_must_split_the_rollout_batch(bench, tmp_path):
 
 
 def test_table_rows_and_ratios(bench):
-    ours = bench.Side("megatron-sapo", [0.5, 0.4, 0.6], 10.0, 900, 2000.0, 0.75, 0.3, 0.7)
+    ours = bench.Side("megatron-sapo", [0.5, 0.4, 0.6], 10.0, 900, 2000.0, 0.75, 0.3, 0.7, cpu_s=6.0)
     trl = bench.Side("trl", [1.0, 0.8, 1.2], 4.0, 900, 1000.0, 1.5, 0.3, 0.5)
     assert ours.row()["steps_per_s_median"] == pytest.approx(2.0)
     assert ours.row()["overhead_s"] == pytest.approx(8.5)
     assert ours.row()["gen_tokens_per_s"] == pytest.approx(600.0)
+    assert ours.row()["cpu_s_per_step"] == pytest.approx(2.0)
     table = bench.format_table("quickstart", 3, [ours, trl])
     assert "0.30 -> 0.70 (+40 points)" in table and "0.30 -> 0.50 (+20 points)" in table
     assert "steps_per_s_median 2.00x" in table and "steps_per_s_whole 0.40x" in table
