@@ -1,7 +1,7 @@
 """Benchmark: the same SAPO RL job through Hugging Face TRL's GRPOTrainer and through `megatron-sapo train`.
 
     make install-bench                                    # TRL 1.16.0 (requirements/bench.txt), not in base
-    python benchmarks/bench_vs_trl.py --size quickstart   # 500 RL steps each side (~10 min on 2 cores)
+    python benchmarks/bench_vs_trl.py --size quickstart   # 500 RL steps each side (~7 min idle, 2 cores)
     python benchmarks/bench_vs_trl.py --size large        # the larger policy (see SIZES)
     python benchmarks/bench_vs_trl.py --size quickstart --steps 20 --json /tmp/trl.json   # a quick check
 
