@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: help demo test test-fast lint format install install-dev install-sglang bench gpu-check clean
+.PHONY: help demo test test-fast lint format install install-dev install-sglang install-bench bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n",$$1,$$2}'
@@ -33,9 +33,17 @@ $(VENV)/.stamp-sglang: requirements/sglang.txt $(VENV)/.stamp-base
 	@echo "lean SGLang 0.5.23 installed (its CUDA-only kernel packages are left out on purpose; see requirements/sglang.txt)"
 	touch $@
 
+# TRL for benchmarks/bench_vs_trl.py only. -c: whatever is already installed (torch, transformers,
+# tokenizers, accelerate, ...) stays at its version; pip fails rather than change one of them.
+$(VENV)/.stamp-bench: requirements/bench.txt $(VENV)/.stamp-base
+	$(PIP) freeze --exclude-editable | grep -v -e '^#' -e '^trl==' > $(VENV)/bench-constraints.txt
+	$(PIP) install -c $(VENV)/bench-constraints.txt -r requirements/bench.txt
+	touch $@
+
 install: $(VENV)/.stamp-base  ## runtime install into .venv
 install-dev: $(VENV)/.stamp-dev  ## + test / lint tools
 install-sglang: $(VENV)/.stamp-sglang  ## + the lean SGLang rollout engine
+install-bench: $(VENV)/.stamp-bench  ## + TRL for benchmarks/bench_vs_trl.py (versions already installed kept)
 
 demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~5 min)
 	$(VENV)/bin/megatron-sapo train configs/quickstart.yaml
