@@ -42,21 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
-SIZES = {
-    # the quickstart's tiny MoE (hidden 64, 2 layers, 4 experts top-2), as `make demo` runs it
-    "quickstart": [],
-    # a policy where the model's compute outweighs the fixed per-call costs on 2 cores: ~10x the
-    # quickstart's FLOPs per token (hidden 256, 4 layers, 8 experts top-2 of 256)
-    "large": [
-        "model.tiny.hidden=256",
-        "model.tiny.layers=4",
-        "model.tiny.heads=8",
-        "model.tiny.kv_heads=4",
-        "model.tiny.head_dim=32",
-        "model.tiny.experts=8",
-        "model.tiny.moe_ffn=256",
-    ],
-}
+from bench_vs_trl import SIZES as TRL_SIZES  # noqa: E402  (benchmarks/ is the script's own directory)
+
+SIZES = {size: spec["overrides"] for size, spec in TRL_SIZES.items()}
+"""The sizes bench_vs_trl.py runs (the quickstart's tiny MoE, and "large": hidden 256, 4 layers, 8 experts)."""
+
 PHASES = (
     "time/generate_s",
     "time/reward_s",

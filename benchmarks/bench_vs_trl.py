@@ -5,9 +5,8 @@
     python benchmarks/bench_vs_trl.py --size large        # the larger policy (see SIZES)
     python benchmarks/bench_vs_trl.py --size quickstart --steps 20 --json /tmp/trl.json   # a quick check
 
-Per size: (1) the start policy: `megatron-sapo train configs/quickstart.yaml run.steps=1 optim.lr=0` (tiny
-Qwen3-MoE built offline + the supervised cold start + one RL step that moves nothing, exported as a
-Hugging Face directory; `run.steps=0` is refused);
+Per size: (1) the start policy: `megatron-sapo train configs/quickstart.yaml run.steps=0` (tiny Qwen3-MoE
+built offline + the supervised cold start, exported as a Hugging Face directory);
 (2) megatron-sapo from it (`model.path=<start> sft.steps=0`, SGLang rollouts) in a child process;
 (3) TRL from it in a child process of this script (`trl-child`); never both at once. Peak RSS is the
 largest sum of RSS over each child's whole process tree (SGLang server included), sampled every 0.2 s.
@@ -360,10 +359,9 @@ def prepare(size: str, steps: int, work: Path) -> tuple[Job, Path, list[dict], l
     extra = SIZES[size]["overrides"]
     start = work / "start"
     if not (start / "hf" / "config.json").exists():
-        # run.steps must be >= 1: one RL step at lr 0 (Adam moves nothing, weight decay is 0) exports the
-        # cold-start policy; the in-process engine, since the cold start needs no SGLang server
-        rl_noop = ["run.steps=1", "optim.lr=0", "optim.warmup_steps=0", "rollout.engine=transformers"]
-        cmd = _train_cmd([*extra, *rl_noop, f"run.output_dir={start}"])
+        # run.steps=0: the cold start and its export only; the in-process engine for the step-0 eval
+        cold = ["run.steps=0", "rollout.engine=transformers"]
+        cmd = _train_cmd([*extra, *cold, f"run.output_dir={start}"])
         wall, *_ = _run_child(cmd, work / "start.log")
         print(f"start policy: {start / 'hf'} ({wall:.0f} s: build + cold start + export)", flush=True)
     cfg = load_config(TrainJobConfig, QUICKSTART, extra)
