@@ -7,7 +7,7 @@
 Requests carry token ids (strings are tokenized here, with the served model's tokenizer) in as few
 chunks as the servers and `request_batch` (the most samples one request carries) allow, evenly sized: one
 request per server when each server's share fits (a server batches what one request brings together; the
-same samples as many small requests took ~4x longer on a CPU server, benchmarks/bench_rl_step.py); at
+same samples as 8 requests of 16 took 4x longer on a loaded CPU server, benchmarks/RESULTS.md); at
 most `max_concurrency` chunks (never fewer than the servers) are in flight (back-pressure), each to the
 next server in turn. A chunk that fails because its server died is retried after the server is restarted
 (servers this client launched) and the `on_restart` hooks ran — weight sync registers one that pushes the
