@@ -2,7 +2,7 @@
 
     python tests/e2e/_killed_train.py POINT CONFIG.yaml [key=value ...]
 
-POINT: `first_save` (the first checkpoint save begins: step 1's metrics row is written, nothing saved),
+POINT: `first_save` (the first checkpoint save begins: nothing saved, step 1's metrics row not yet written),
 `mid_save` (inside the first save, every file written, before the rename into place), `mid_export` (the
 final Hugging Face export, shards written, before its rename). Patched here, not in the library.
 """
