@@ -45,7 +45,7 @@ install-dev: $(VENV)/.stamp-dev  ## + test / lint tools
 install-sglang: $(VENV)/.stamp-sglang  ## + the lean SGLang rollout engine
 install-bench: $(VENV)/.stamp-bench  ## + TRL for benchmarks/bench_vs_trl.py (versions already installed kept)
 
-demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~5 min)
+demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~4 min)
 	$(VENV)/bin/megatron-sapo train configs/quickstart.yaml
 
 test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLang included), then run the whole suite
