@@ -44,21 +44,13 @@ sys.path.insert(0, str(ROOT))
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 from bench_vs_trl import SIZES as TRL_SIZES  # noqa: E402  (benchmarks/ is the script's own directory)
 
+from megatron_sapo.train.loop import PHASES as LOOP_PHASES  # noqa: E402
+
 SIZES = {size: spec["overrides"] for size, spec in TRL_SIZES.items()}
 """The sizes bench_vs_trl.py runs (the quickstart's tiny MoE, and "large": hidden 256, 4 layers, 8 experts)."""
 
-PHASES = (
-    "time/generate_s",
-    "time/reward_s",
-    "time/logprobs_s",
-    "time/train_s",
-    "time/export_s",
-    "time/load_s",
-    "time/guard_s",
-    "time/eval_s",
-    "time/checkpoint_s",
-    "time/other_s",
-)
+PHASES = (*LOOP_PHASES, "time/other_s")
+"""The loop's own step split (megatron_sapo.train.loop.PHASES) and the gaps between its phases."""
 
 
 def _train(overrides: list[str], out: Path, env: dict[str, str] | None = None) -> None:
