@@ -431,3 +431,39 @@ def test_only_trainer_rank_0_writes_the_stop_marker(tmp_path: Path) -> None:
     with stop_engines_at_exit(tmp_path, resolve(srun_env(0), DISAGG, TP2_EP4)):
         pass
     assert stop_marker(tmp_path).is_file()
+
+
+_THREADS = """
+import sys, torch
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.train.setup import init_distributed
+from megatron_sapo.utils.typed_config import load_config
+before = torch.get_num_threads()
+init_distributed(load_config(TrainJobConfig, None, sys.argv[1:]))
+print(before, torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_cpu_threads_sets_each_trainer_process_torch_threads(threads: int) -> None:
+    """run.cpu_threads on a CPU trainer (a fresh process: torch threads are per process); 0 keeps torch's
+    default, which the same process reports before the call."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS, f"run.cpu_threads={threads}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = map(int, done.stdout.split()[-2:])
+    assert after == (threads or before)
+    if threads:
+        assert before != after or os.cpu_count() == 1  # the default is one per core: the key changed it
