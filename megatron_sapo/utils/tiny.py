@@ -52,14 +52,17 @@ def default_corpus(lines: int = 2000, seed: int = 0) -> list[str]:
     return out
 
 
-def train_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with Qwen-style chat special tokens; eos = <|im_end|>, pad = <|pad|>."""
+def train_tokenizer(
+    corpus: Iterable[str] | None = None, *, vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Qwen-style chat special tokens (plus `extra_special_tokens`, e.g. the vision
+    tokens of `tiny_vlm.py`); eos = <|im_end|>, pad = <|pad|>."""
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=[*SPECIAL_TOKENS, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -71,7 +74,7 @@ def train_tokenizer(corpus: Iterable[str] | None = None, *, vocab_size: int = 51
         bos_token=None,
         unk_token=None,
         chat_template=CHAT_TEMPLATE,
-        additional_special_tokens=["<|endoftext|>", "<|im_start|>"],
+        additional_special_tokens=["<|endoftext|>", "<|im_start|>", *extra_special_tokens],
     )
 
 
