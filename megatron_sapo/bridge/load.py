@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from megatron_sapo.bridge.arch import mapping_table
+from megatron_sapo.bridge.arch import architecture_of, mapping_table
 from megatron_sapo.bridge.layout import (
     LocalParam,
     ParallelGroups,
@@ -62,10 +62,15 @@ _PER_EXPERT = re.compile(
 
 
 class FusedExpertAliases:
-    """A `TensorSource` that also answers per-expert names from transformers-5 fused expert tensors."""
+    """A `TensorSource` that also answers per-expert names from fused expert tensors.
 
-    def __init__(self, base: TensorSource) -> None:
-        self.base = base
+    Fused layouts: transformers-5 in memory `gate_up_proj [E, 2I, H]` (gate rows, then up rows),
+    `down_proj [E, H, I]`; with `transposed`, the official Qwen3-VL-MoE files `[E, H, 2I]` / `[E, I, H]`.
+    A per-expert name reads `[I, H]` (gate / up) or `[H, I]` (down), as HF's per-expert linears.
+    """
+
+    def __init__(self, base: TensorSource, *, transposed: bool = False) -> None:
+        self.base, self.transposed = base, transposed
 
     def _alias(self, name: str) -> tuple[str, int, str, Shape] | None:
         found = _PER_EXPERT.match(name)
@@ -74,7 +79,11 @@ class FusedExpertAliases:
         proj = found["proj"]
         fused = found["prefix"] + (".down_proj" if proj == "down_proj" else ".gate_up_proj")
         shape = self.base.shape(fused)
-        return None if shape is None else (fused, int(found["expert"]), proj, shape)
+        if shape is None:
+            return None
+        # the per-expert view's [rows, cols], whatever the stored orientation
+        rows, cols = (shape[2], shape[1]) if self.transposed else (shape[1], shape[2])
+        return fused, int(found["expert"]), proj, (shape[0], rows, cols)
 
     def shape(self, name: str) -> Shape | None:
         alias = self._alias(name)
@@ -89,23 +98,33 @@ class FusedExpertAliases:
             return self.base.read(name, index)
         fused, expert, proj, (_, rows, _) = alias
         row_count = rows if proj == "down_proj" else rows // 2
-        offset = row_count if proj == "up_proj" else 0  # gate_up_proj: [gate rows; up rows]
+        offset = row_count if proj == "up_proj" else 0  # gate_up: [gate rows; up rows]
         index = tuple(index) + (slice(None),) * (2 - len(index))
         start, stop, step = index[0].indices(row_count)
-        fused_index = (slice(expert, expert + 1), slice(start + offset, stop + offset, step), index[1])
-        return self.base.read(fused, fused_index)[0]
+        row_index = slice(start + offset, stop + offset, step)
+        if self.transposed:  # rows of the view are the stored tensor's last dim
+            return self.base.read(fused, (slice(expert, expert + 1), index[1], row_index))[0].T.contiguous()
+        return self.base.read(fused, (slice(expert, expert + 1), row_index, index[1]))[0]
 
     def describe(self, name: str) -> str:
         return self.base.describe(name)
 
 
-def open_source(source: str | os.PathLike | MappingABC[str, torch.Tensor] | TensorSource) -> TensorSource:
-    """A `TensorSource` (with fused-expert aliases) for a checkpoint path, a state dict or a source."""
+def open_source(
+    source: str | os.PathLike | MappingABC[str, torch.Tensor] | TensorSource,
+    *,
+    files_transposed: bool = False,
+) -> TensorSource:
+    """A `TensorSource` (with fused-expert aliases) for a checkpoint path, a state dict or a source.
+
+    `files_transposed`: checkpoint files fuse experts in the official Qwen3-VL-MoE orientation (the
+    architecture's `disk_experts_transposed`); a state dict is always transformers' in-memory one.
+    """
     if isinstance(source, str | os.PathLike):
         source = SafetensorsReader(source)
     elif isinstance(source, MappingABC):
         source = StateDictSource(source)
-    return FusedExpertAliases(source)
+    return FusedExpertAliases(source, transposed=files_transposed and isinstance(source, SafetensorsReader))
 
 
 def check_local_slice(lp: LocalParam, table: MappingTable, reader: TensorSource) -> None:
@@ -161,7 +180,7 @@ def load_hf_weights(
     """
     table = mapping_table(hf_config)
     groups = groups or ParallelGroups.from_parallel_state()
-    reader = open_source(source)
+    reader = open_source(source, files_transposed=architecture_of(hf_config).disk_experts_transposed)
     params = local_parameters(model_chunks(model), table, groups)
     for lp in params:
         lp.param.data.copy_(read_local_slice(lp, table, reader))

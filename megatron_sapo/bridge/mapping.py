@@ -11,8 +11,9 @@ its TP split axis (`split`), how to turn the full (TP-gathered) megatron tensor 
     FusedQKV(megatron, q, k, v)      # GQA: rows grouped per KV head as [q heads of the group, k, v]
     GatedMLP(megatron, gate, up)     # SwiGLU fc1 = [gate; up]; each TP rank holds [gate_r; up_r]
 
-Templates use `{layer}` (global decoder layer index) and `{expert}` (global expert index); a template
-with `{expert}` is an expert weight: split over the expert-TP group and gathered over EP by the callers.
+Templates use `{layer}` (global decoder layer index), `{expert}` (global expert index) and `{block}` (an
+index taken as is, e.g. a vision block: not renumbered by the pipeline layout); a template with
+`{expert}` is an expert weight: split over the expert-TP group and gathered over EP by the callers.
 Architecture tables (`megatron_sapo/bridge/arch/`) are tuples of these; `MappingTable` matches names.
 No process groups here: `export.py` / `load.py` do the communication.
 
@@ -84,7 +85,7 @@ def _stack(shards: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 @functools.cache
 def _compile(template: str) -> re.Pattern[str]:
     pattern = re.escape(template)
-    for field in ("layer", "expert"):
+    for field in ("layer", "expert", "block"):
         pattern = pattern.replace(re.escape("{" + field + "}"), rf"(?P<{field}>\d+)")
     return re.compile(pattern + "$")
 

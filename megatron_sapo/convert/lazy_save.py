@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 
+from megatron_sapo.bridge.arch import ARCHITECTURES
 from megatron_sapo.bridge.layout import LocalParam
 from megatron_sapo.bridge.load import check_local_slice, open_source, read_local_slice
 from megatron_sapo.bridge.mapping import MappingTable
@@ -47,7 +48,8 @@ class ParamSlices:
 
     def __init__(self, hf_dir: str | os.PathLike, table: MappingTable) -> None:
         self._table, self._files = table, SafetensorsReader(hf_dir)
-        self._source = open_source(self._files)
+        transposed = ARCHITECTURES[table.model_type].disk_experts_transposed
+        self._source = open_source(self._files, files_transposed=transposed)
         self._params: dict[int, LocalParam] = {}
         self._last: tuple[LocalParam | None, torch.Tensor | None] = (None, None)
 

@@ -31,7 +31,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_sapo.bridge.arch import Architecture, architecture_of
+from megatron_sapo.bridge.arch import Architecture, architecture_of, language_config
 from megatron_sapo.megatron.parallel import on_gpu
 
 SpecName = Literal["auto", "local", "te"]
@@ -73,6 +73,7 @@ def rope_settings(hf_config: Any) -> dict[str, Any]:
     optional `rope_scaling` dict); both are read.
     """
     arch = architecture_of(hf_config)
+    hf_config = language_config(hf_config)
     params = dict(
         getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
     )
@@ -161,6 +162,7 @@ def transformer_config_from_hf(
     `moe_aux_loss_coeff`). Raises ValueError for unsupported architectures or fields.
     """
     arch = architecture_of(hf_config)
+    hf_config = language_config(hf_config)
     _check_supported(hf_config, arch)
     on_cpu = not on_gpu() if on_cpu is None else on_cpu
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
@@ -189,6 +191,8 @@ def transformer_config_from_hf(
     )
     if arch.moe:
         kwargs.update(_moe_kwargs(hf_config, arch))
+    if arch.vision:
+        kwargs.update(mrope_section=list(hf_config.rope_parameters["mrope_section"]))
     if on_cpu:
         from megatron_sapo.megatron.cpu import cpu_transformer_config_kwargs
 
@@ -240,7 +244,9 @@ def layer_spec_for(
 
 def gpt_model_kwargs(hf_config: Any, *, tp: int) -> dict[str, Any]:
     """`GPTModel` arguments that come from the HF config rather than TransformerConfig (vocab, RoPE, tying)."""
-    _check_supported(hf_config, architecture_of(hf_config))  # includes the RoPE checks
+    arch = architecture_of(hf_config)
+    hf_config = language_config(hf_config)
+    _check_supported(hf_config, arch)  # includes the RoPE checks
     return dict(
         vocab_size=padded_vocab_size(hf_config.vocab_size, tp),
         max_sequence_length=hf_config.max_position_embeddings,
@@ -279,7 +285,7 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    model = GPTModel(
+    kwargs = dict(
         config=config,
         transformer_layer_spec=layer_spec_for(config, spec=spec, vp_stage=vp_stage),
         pre_process=pre_process,
@@ -287,5 +293,11 @@ def build_gpt_model(
         vp_stage=vp_stage,
         **gpt_model_kwargs(hf_config, tp=config.tensor_model_parallel_size),
     )
-    model.unpadded_vocab_size = hf_config.vocab_size
+    if architecture_of(hf_config).vision:
+        from megatron_sapo.megatron.vlm import Qwen3VLModel
+
+        model = Qwen3VLModel(hf_config, **kwargs)
+    else:
+        model = GPTModel(**kwargs)
+    model.unpadded_vocab_size = language_config(hf_config).vocab_size
     return model

@@ -3,6 +3,7 @@
     from megatron_sapo.bridge.arch import architecture_of, mapping_table
     arch = architecture_of(hf_config)         # Architecture: megatron config facts + mapping entries
     table = mapping_table(hf_config)          # MappingTable bound to this config's dims
+    text = language_config(hf_config)         # the config the GPT language model is built from
     sorted(ARCHITECTURES)                     # the supported model types
 
 Each module here whose name does not start with `_` defines `ARCHITECTURE`, an `Architecture`
@@ -55,7 +56,39 @@ def architecture_of(hf_config: Any) -> Architecture:
     return ARCHITECTURES[model_type]
 
 
+class _LanguageView:
+    """A VL config's `text_config` read through: top-level `model_type` and `tie_word_embeddings` (which
+    transformers ties on), plus the architecture's `text_defaults` for fields the config lacks."""
+
+    def __init__(self, hf_config: Any, arch: Architecture) -> None:
+        self._text = hf_config.text_config
+        self._own = {
+            "model_type": arch.model_type,
+            "tie_word_embeddings": bool(hf_config.tie_word_embeddings),
+        }
+        self._defaults = dict(arch.text_defaults)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._own:
+            return self._own[name]
+        try:
+            return getattr(self._text, name)
+        except AttributeError:
+            if name in self._defaults:
+                return self._defaults[name]
+            raise
+
+
+def language_config(hf_config: Any) -> Any:
+    """The config megatron's language model is built from: `hf_config` itself for text models; for
+    vision-language ones its `text_config`, seen with the top-level model type and embedding tying."""
+    if isinstance(hf_config, _LanguageView):
+        return hf_config
+    arch = architecture_of(hf_config)
+    return _LanguageView(hf_config, arch) if arch.vision else hf_config
+
+
 def mapping_table(hf_config: Any) -> MappingTable:
     """The mapping table of `hf_config.model_type` bound to its dims; ValueError as `architecture_of`."""
     arch = architecture_of(hf_config)
-    return MappingTable(arch.model_type, arch.mappings, ModelDims.from_hf(hf_config))
+    return MappingTable(arch.model_type, arch.mappings, ModelDims.from_hf(language_config(hf_config)))

@@ -34,3 +34,12 @@ class Architecture:
     """HF flags this mapping cannot express when true (e.g. a bias on o_proj without one on the MLP)."""
     rope_types: tuple[str, ...] = ("default",)
     """`rope_parameters["rope_type"]` values megatron's RotaryEmbedding reproduces."""
+    vision: bool = False
+    """A vision-language model (Qwen3-VL): the language model is built from `config.text_config`, with
+    `megatron/vlm.py`'s vision tower, M-RoPE and deepstack around it."""
+    disk_experts_transposed: bool = False
+    """The checkpoint files fuse each layer's experts as `gate_up_proj [E, H, 2I]` / `down_proj [E, I, H]`
+    (official Qwen3-VL-MoE), not transformers' in-memory `[E, 2I, H]` / `[E, H, I]`."""
+    text_defaults: tuple[tuple[str, object], ...] = ()
+    """Text-config fields an architecture fixes instead of configuring (Qwen3-VL-MoE always renormalises
+    its top-k: `("norm_topk_prob", True)`), read by `language_config` when the config lacks them."""

@@ -17,7 +17,9 @@ Tests: `python -m pytest tests/unit/test_bridge_mapping.py -q`
 
 from __future__ import annotations
 
-from megatron_sapo.bridge.mapping import Direct, FusedQKV, GatedMLP, VocabParallel
+import copy
+
+from megatron_sapo.bridge.mapping import Direct, FusedQKV, GatedMLP, Mapping, VocabParallel
 
 M = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -94,4 +96,51 @@ SHARED_EXPERT = (
     ),
     Direct(M + "mlp.shared_experts.linear_fc2.weight", H + "mlp.shared_expert.down_proj.weight", split=ROW),
     Direct(M + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),
+)
+
+
+def in_language_model(*groups: tuple[Mapping, ...]) -> tuple[Mapping, ...]:
+    """The groups with their `model.*` HF names under `model.language_model.*` (Qwen3-VL's text tower);
+    `lm_head.weight` stays at the top, as in the official checkpoints."""
+
+    def moved(name: str | None) -> str | None:
+        return "model.language_model." + name[len("model.") :] if name and name.startswith("model.") else name
+
+    out = []
+    for mapping in (m for group in groups for m in group):
+        clone = copy.copy(mapping)
+        object.__setattr__(clone, "hf", tuple(moved(n) for n in mapping.hf))
+        if getattr(mapping, "tied_to", None):
+            object.__setattr__(clone, "tied_to", moved(mapping.tied_to))
+        out.append(clone)
+    return tuple(out)
+
+
+# Qwen3-VL's vision tower (`megatron/vlm.py`): transformers' own module, replicated over TP, so every
+# tensor is a Direct copy under its HF name. `{block}` is the vision block / deepstack merger index.
+_V, _HV = "vision.", "model.visual."
+_MERGER = (
+    "norm.weight",
+    "norm.bias",
+    "linear_fc1.weight",
+    "linear_fc1.bias",
+    "linear_fc2.weight",
+    "linear_fc2.bias",
+)
+_BLOCK = tuple(
+    f"{part}.{kind}"
+    for part in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
+    for kind in ("weight", "bias")
+)
+VISION_TOWER = (
+    *(
+        Direct(_V + n, _HV + n)
+        for n in ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed.weight")
+    ),
+    *(Direct(f"{_V}blocks.{{block}}.{n}", f"{_HV}blocks.{{block}}.{n}") for n in _BLOCK),
+    *(Direct(f"{_V}merger.{n}", f"{_HV}merger.{n}") for n in _MERGER),
+    *(
+        Direct(f"{_V}deepstack_merger_list.{{block}}.{n}", f"{_HV}deepstack_merger_list.{{block}}.{n}")
+        for n in _MERGER
+    ),
 )
