@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from megatron_sapo.megatron.vlm import rope_index
+from megatron_sapo.megatron.mrope import rope_index
 from megatron_sapo.utils.tiny_vlm import VISION_TOKENS, tiny_vlm_config
 
 
@@ -59,5 +59,10 @@ def mrope_positions(enc, config) -> torch.Tensor:
             grids.append(enc["image_grid_thw"][start])
             count += int(grids[-1].prod()) // merge**2
             start += 1
-        rows.append(rope_index(ids, torch.stack(grids) if grids else None, config))
+        rows.append(rope_index(ids, torch.stack(grids) if grids else None, *mrope_tokens(config)))
     return torch.stack(rows, dim=1)
+
+
+def mrope_tokens(config) -> tuple[int, int]:
+    """`rope_index`'s (image_token_id, spatial_merge_size) from a Qwen3-VL config."""
+    return config.image_token_id, config.vision_config.spatial_merge_size

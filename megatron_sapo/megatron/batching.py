@@ -53,6 +53,10 @@ class Sample:
     for every MoE layer of the model in order, top-k ids in any order. The trainer reads positions
     0..L−2 (`tokens[:-1]`); the last sampled token is never fed to a model, so rollout engines report
     L − 1 rows; a row L−1, if given, is ignored."""
+    pixel_values: torch.Tensor | None = None
+    """`[N_patches, C·t·p·p]` the prompt's images as the policy's processor flattened them (VL policies)."""
+    image_grid_thw: torch.Tensor | None = None
+    """`[n_images, 3]` each image's (t, h, w) patch grid, in prompt order; with `pixel_values`."""
 
     def __post_init__(self) -> None:
         n = self.tokens.numel()
@@ -69,6 +73,16 @@ class Sample:
             raise ValueError(
                 f"routing must be [L_moe, {n - 1} or {n}, topk] for {n} tokens, got {tuple(self.routing.shape)}"
             )
+        if (self.pixel_values is None) != (self.image_grid_thw is None):
+            raise ValueError("pixel_values and image_grid_thw come together (both or neither)")
+        if self.image_grid_thw is not None:
+            grid = self.image_grid_thw
+            patches = int(grid.prod(-1).sum()) if grid.dim() == 2 and grid.shape[-1] == 3 else -1
+            if patches != self.pixel_values.shape[0]:
+                raise ValueError(
+                    f"image_grid_thw {tuple(grid.shape)} (t·h·w summing to {patches}) does not match "
+                    f"pixel_values {tuple(self.pixel_values.shape)}: one row per patch"
+                )
 
     @property
     def seq_len(self) -> int:
@@ -229,10 +243,20 @@ class MicroBatch:
     """Per sample, the `[start, end)` positions holding its response tokens' predictions."""
     routing: torch.Tensor | None = None
     """`[L_moe, T*B, k]` expert ids to replay (token `s*B + b`; see `engine_routing`), or None."""
+    pixel_values: torch.Tensor | None = None
+    """`[N_patches, C·t·p·p]` every image of the rows, row after row (the order the model fills them in)."""
+    image_grid_thw: torch.Tensor | None = None
+    """`[n_images, 3]` their patch grids, same order."""
 
     def to(self, device: torch.device | str) -> MicroBatch:
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
         return MicroBatch(**moved)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword inputs beyond (input_ids, position_ids, mask): the images, when the rows have any."""
+        if self.pixel_values is None:
+            return {}
+        return {"pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
 
     def response_values(self, per_position: torch.Tensor) -> list[torch.Tensor]:
         """Split a `[B, T]` per-position tensor into per-sample `[n_response]` tensors."""
@@ -246,12 +270,15 @@ def collate(
     pad_token_id: int = 0,
     shape: tuple[int, int] | None = None,
     seq_multiple_of: int = 1,
+    mrope: tuple[int, int] | None = None,
 ) -> MicroBatch:
     """Right-pad `samples` into one `MicroBatch`; `old_logprobs[i]` is `[n_response_i]` (None: zeros).
 
     `shape = (B, T)` pads to at least that many rows (fully masked) and positions, for schedules that
     need one tensor shape for every micro-batch. `seq_multiple_of` rounds T up (sequence parallelism
-    splits T over the TP ranks, so T must divide by TP).
+    splits T over the TP ranks, so T must divide by TP). `mrope = (image_token_id, spatial_merge_size)`
+    (a Qwen3-VL policy's `mrope_tokens`): positions are M-RoPE's `[3, B, T]` (`mrope.rope_index` per
+    row, counting on past the row's end), and the rows' images are concatenated in row order.
     """
     b, t = len(samples), max((s.seq_len for s in samples), default=1)
     if shape is not None:
@@ -275,12 +302,31 @@ def collate(
             old[i, start:end] = old_logprobs[i].float()
         advantages[i] = float(s.advantage)
         spans.append((start, end))
+    images = [s for s in samples if s.pixel_values is not None]
+    if images and mrope is None:
+        raise ValueError("samples with images need a vision-language policy (collate got no mrope tokens)")
     return MicroBatch(
         input_ids=input_ids,
-        position_ids=torch.arange(t).expand(b, t).contiguous(),
+        position_ids=_mrope_positions(samples, b, t, mrope)
+        if mrope
+        else torch.arange(t).expand(b, t).contiguous(),
         labels=labels,
         loss_mask=loss_mask,
         old_logprobs=old,
         advantages=advantages,
         spans=spans,
+        pixel_values=torch.cat([s.pixel_values for s in images]) if images else None,
+        image_grid_thw=torch.cat([s.image_grid_thw for s in images]).long() if images else None,
     )
+
+
+def _mrope_positions(samples: list[Sample], b: int, t: int, mrope: tuple[int, int]) -> torch.Tensor:
+    from megatron_sapo.megatron.mrope import rope_index
+
+    out = torch.arange(t).expand(3, b, t).clone()
+    for i, s in enumerate(samples):
+        rows = rope_index(s.tokens[:-1].long(), s.image_grid_thw, *mrope)
+        out[:, i, : s.seq_len] = rows
+        # padding continues after the row's last position (never attended to by a real token)
+        out[:, i, s.seq_len :] = torch.arange(t - s.seq_len) + int(rows.max()) + 1 if s.seq_len else 0
+    return out

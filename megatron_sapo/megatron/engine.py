@@ -182,6 +182,8 @@ class PolicyEngine:
         self.device = device()
         self.model = self._build_model(model_provider, optim, ddp_config)
         self._sequence_parallel = self.model[0].config.sequence_parallel
+        # a vision-language policy (megatron/vlm.py) places tokens with M-RoPE and takes images
+        self._mrope = getattr(self.model[0].module, "mrope_tokens", None)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
@@ -295,7 +297,9 @@ class PolicyEngine:
         for g in groups:
             old = [old_logprobs[i] for i in g] if old_logprobs is not None and g else None
             rows = [samples[i] for i in g] if g else [_filler()]
-            batches.append(collate(rows, old, pad_token_id=pad, shape=shape, seq_multiple_of=multiple))
+            batches.append(
+                collate(rows, old, pad_token_id=pad, shape=shape, seq_multiple_of=multiple, mrope=self._mrope)
+            )
             if routing is not None:
                 self.routing.attach_to(batches[-1], [routing[i] for i in g])
         return [b.to(self.device) for b in batches], groups
@@ -317,7 +321,9 @@ class PolicyEngine:
             # other micro-batches' forwards in between.
             if self.routing is not None:
                 self.routing.before_forward(batch)
-            output = model(batch.input_ids, batch.position_ids, self._attention_mask(batch))
+            output = model(
+                batch.input_ids, batch.position_ids, self._attention_mask(batch), **batch.model_inputs()
+            )
             if self.routing is not None:
                 self.routing.after_forward(batch)
             return output, partial(loss_func, batch, len(batches))

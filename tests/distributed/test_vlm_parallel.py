@@ -27,12 +27,12 @@ CASES = {
 
 
 def _inputs(config, processor):
-    from megatron_sapo.megatron.vlm import rope_index
-    from tests.vlm_reference import image_batch, mrope_positions
+    from megatron_sapo.megatron.mrope import rope_index
+    from tests.vlm_reference import image_batch, mrope_positions, mrope_tokens
 
     enc = image_batch(processor)
     text = processor.tokenizer(["what is 3 + 4"], return_tensors="pt")["input_ids"]
-    return enc, mrope_positions(enc, config), text, rope_index(text[0], None, config)[:, None]
+    return enc, mrope_positions(enc, config), text, rope_index(text[0], None, *mrope_tokens(config))[:, None]
 
 
 def _rank_fn(rank: int, world_size: int, case: str) -> dict:

@@ -15,11 +15,12 @@ from megatron.core import parallel_state
 from megatron_sapo.bridge import export_hf_weights, load_hf_weights
 from megatron_sapo.megatron.cpu import causal_attention_mask
 from megatron_sapo.megatron.models import build_gpt_model
+from megatron_sapo.megatron.mrope import InterleavedMRoPE, rope_index
 from megatron_sapo.megatron.testing import init_megatron_cpu
-from megatron_sapo.megatron.vlm import InterleavedMRoPE, rope_index
 from megatron_sapo.utils.spawn import free_port
 from megatron_sapo.utils.tiny_vlm import build_processor, tiny_vlm_config, train_vlm_tokenizer
 from tests.vlm_reference import hf_vlm, image_batch, mrope_positions
+from tests.vlm_reference import mrope_tokens as _tokens
 
 LOGIT_TOL = 1e-4  # fp32 on both sides; measured ~1e-6
 
@@ -62,9 +63,9 @@ def test_rope_index_rejects_token_grid_mismatch(processor) -> None:
     keep = ids != config.image_token_id
     keep[torch.nonzero(~keep)[0]] = True  # drop all but one pad of the prompt's images
     with pytest.raises(ValueError, match="image tokens"):
-        rope_index(ids[keep], enc["image_grid_thw"][:2], config)
+        rope_index(ids[keep], enc["image_grid_thw"][:2], *_tokens(config))
     with pytest.raises(ValueError, match="grids"):
-        rope_index(ids, enc["image_grid_thw"][:1], config)
+        rope_index(ids, enc["image_grid_thw"][:1], *_tokens(config))
 
 
 def test_interleaved_mrope_equals_transformers_rotary() -> None:
@@ -107,7 +108,9 @@ def test_logits_and_weights_match_transformers(moe: bool, processor) -> None:
     text = processor.tokenizer(["what is 3 + 4"], return_tensors="pt")
     ids = text["input_ids"]
     expected = hf(input_ids=ids, mm_token_type_ids=torch.zeros_like(ids)).logits
-    got = model(ids, rope_index(ids[0], None, config)[:, None], causal_attention_mask(ids.shape[1], 1))
+    got = model(
+        ids, rope_index(ids[0], None, *_tokens(config))[:, None], causal_attention_mask(ids.shape[1], 1)
+    )
     assert (got - expected).abs().max().item() <= LOGIT_TOL
 
     # export gives back every HF tensor bit-exact under its checkpoint name (experts per expert)
