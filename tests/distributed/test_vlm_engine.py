@@ -19,11 +19,13 @@ import torch
 from megatron_sapo.utils.spawn import run_on_ranks
 
 MINI_BATCHES, TOKEN_BUDGET, TOL = 2, 120, 2e-5
-LAYOUTS = {  # name -> (world size, parallel sizes, moe)
-    "tp2": (2, dict(tp=2), False),
-    "pp2": (2, dict(pp=2), False),
-    "dp2": (2, dict(), False),
-    "moe_ep2": (2, dict(ep=2), True),
+LAYOUTS = {  # name -> (world size, parallel sizes, moe, routing replay)
+    "tp2": (2, dict(tp=2), False, "off"),
+    "pp2": (2, dict(pp=2), False, "off"),
+    "dp2": (2, dict(), False, "off"),
+    "moe_ep2": (2, dict(ep=2), True, "off"),
+    "moe_ep2_r2": (2, dict(ep=2), True, "r2"),
+    "moe_pp2_r2": (2, dict(pp=2), True, "r2"),
 }
 
 
@@ -68,7 +70,7 @@ def _samples(processor) -> list:
     return out
 
 
-def _run(rank: int, world_size: int, layout: dict, moe: bool) -> dict:
+def _run(rank: int, world_size: int, layout: dict, moe: bool, replay: str = "off") -> dict:
     from megatron.core import parallel_state
 
     from megatron_sapo.bridge import export_hf_weights, load_hf_weights
@@ -92,7 +94,7 @@ def _run(rank: int, world_size: int, layout: dict, moe: bool) -> dict:
     engine = PolicyEngine(
         provide,
         OptimConfig(lr=1e-2, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4),
-        LossConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET),
+        LossConfig(mini_batches=MINI_BATCHES, micro_batch_tokens=TOKEN_BUDGET, routing_replay=replay),
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     samples = _samples(processor)
@@ -112,13 +114,15 @@ def _run(rank: int, world_size: int, layout: dict, moe: bool) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[bool, dict]:
-    return {moe: run_on_ranks(_run, world_size=1, args=({}, moe))[0] for moe in (False, True)}
+def reference() -> dict[tuple[bool, str], dict]:
+    runs = ((False, "off"), (True, "off"), (True, "r2"))
+    return {key: run_on_ranks(_run, world_size=1, args=({}, *key))[0] for key in runs}
 
 
 @torch.no_grad()
 def test_reference_logprobs_match_transformers_and_the_step_moves_vision(reference) -> None:
     for moe in (False, True):
+        ref = reference[moe, "off"]
         processor, config, hf = _setup(moe)
         for i, s in enumerate(_samples(processor)):
             extra = {}
@@ -130,18 +134,18 @@ def test_reference_logprobs_match_transformers_and_the_step_moves_vision(referen
             logp = torch.log_softmax(logits, -1)[s.response_start - 1 :].gather(
                 -1, s.tokens[s.response_start :, None]
             )
-            err = (reference[moe]["old"][i] - logp[:, 0]).abs().max().item()
+            err = (ref["old"][i] - logp[:, 0]).abs().max().item()
             assert err <= 1e-4, f"moe={moe} sample {i}: |π_old - transformers| {err:.2e}"
-        before, after = hf.state_dict(), reference[moe]["weights"]
+        before, after = hf.state_dict(), ref["weights"]
         moved = max((after[n] - before[n]).abs().max().item() for n in after if n.startswith("model.visual."))
         assert moved > 1e-4  # the images' gradient reached the vision tower
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_train_step_matches_single_process(layout: str, reference) -> None:
-    world_size, parallel, moe = LAYOUTS[layout]
-    ref = reference[moe]
-    results = run_on_ranks(_run, world_size=world_size, args=(parallel, moe))
+    world_size, parallel, moe, replay = LAYOUTS[layout]
+    ref = reference[moe, replay]
+    results = run_on_ranks(_run, world_size=world_size, args=(parallel, moe, replay))
     old = {i: x for r in results for i, x in r["old"].items()}
     assert sorted(old) == sorted(ref["old"])
     for i, x in old.items():
@@ -154,3 +158,55 @@ def test_train_step_matches_single_process(layout: str, reference) -> None:
     diffs = {n: (weights[n] - ref["weights"][n]).abs().max().item() for n in weights}
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= TOL, f"{layout}: {worst} differs by {diffs[worst]:.2e}"
+
+
+def _r3(rank: int, world_size: int) -> dict:
+    """Random `Sample.routing` on image+text samples: π_old under R3 vs a plain replayed forward."""
+    from megatron_sapo.bridge import load_hf_weights
+    from megatron_sapo.megatron.batching import collate
+    from megatron_sapo.megatron.cpu import causal_attention_mask
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
+    from megatron_sapo.megatron.models import build_gpt_model
+    from megatron_sapo.megatron.routing_replay import RoutingReplay
+    from megatron_sapo.megatron.testing import init_megatron_cpu
+
+    init_megatron_cpu()
+    processor, config, hf = _setup(True)
+    state, text = hf.state_dict(), config.text_config
+    generator = torch.Generator().manual_seed(9)
+    samples = _samples(processor)
+    for s in samples:  # what SGLang reports: one row per position the model reads
+        ids = torch.rand(text.num_hidden_layers, s.seq_len, text.num_experts, generator=generator)
+        s.routing = ids.argsort(-1)[..., : text.num_experts_per_tok].int()
+
+    def provide(pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        model = build_gpt_model(config, pre_process, post_process, vp_stage=vp_stage)
+        load_hf_weights(model, config, state)
+        return model
+
+    engine = PolicyEngine(provide, OptimConfig(), LossConfig(mini_batches=2, routing_replay="r3"))
+    logp = engine.compute_logprobs(samples)
+    engine.train_step(samples, logp)  # the update passes replay the same ids (runs, finite)
+    model = provide(True, True).eval()
+    mrope = model.mrope_tokens
+    reference, plain = [], []
+    with RoutingReplay([model]) as replay, torch.no_grad():
+        for s in samples:
+            batch = collate([s], mrope=mrope)
+            args = (batch.input_ids, batch.position_ids, causal_attention_mask(s.seq_len, 1))
+            for mode, sink in (("replay", reference), ("off", plain)):
+                replay.mode = mode
+                replay.set_routing(s.routing)
+                logits = model(*args, **batch.model_inputs())[0]
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, s.tokens[1:, None])[:, 0]
+                sink.append(lp[s.response_start - 1 :])
+    return dict(
+        logp_err=max(float((a - b).abs().max()) for a, b in zip(logp, reference)),
+        routing_matters=max(float((a - b).abs().max()) for a, b in zip(reference, plain)),
+    )
+
+
+def test_r3_replays_sample_routing_on_image_prompts() -> None:
+    result = run_on_ranks(_r3, world_size=1)[0]
+    assert result["routing_matters"] > 1e-3  # random experts change image+text log-probs ...
+    assert result["logp_err"] <= 1e-5  # ... exactly as a plain replayed forward does
