@@ -11,12 +11,12 @@ engine, bridge, checkpoints and routing replay treat it like a text policy) with
   on the first pipeline stage only, **replicated over TP** (its parameters keep their HF names under
   `vision.`). Why not megatron modules: megatron-core 0.16.1 has no Qwen vision tower, and the tower is
   small next to the language model, so sharding it would save little and add a second implementation to
-  keep equal to the reference. Cost per first-stage rank, bf16 weights + fp32 main grads
-  (+ Adam states sharded by the distributed optimizer): Qwen3-VL-30B-A3B's tower (27 blocks of width
-  1152, 3 deepstack mergers) is ~0.58 B parameters, ~1.2 GB weights + ~2.3 GB grads; Qwen3-VL-235B-A22B's
-  is the same tower. Against 30B-A3B's ~61 GB of bf16 weights (spread over TP×PP×EP) this is small, but
-  it sits on stage 0 only: give that stage one or two fewer decoder layers
-  (`num_layers_in_first_pipeline_stage`) at PP > 1 (see docs/multinode.md).
+  keep equal to the reference. Cost per first-stage rank (counted from transformers' configs: 27 blocks of
+  width 1152, merger + 3 deepstack mergers): Qwen3-VL-30B-A3B's tower has 0.539 B parameters, 1.08 GB of
+  bf16 weights + 2.15 GB of fp32 main grads (Adam states sharded over DP by the distributed optimizer);
+  Qwen3-VL-235B-A22B's 0.576 B (1.15 + 2.31 GB; only the merger outputs are wider). Next to 30B-A3B's
+  ~61 GB of bf16 weights (spread over TP×PP×EP) this is small, but it all sits on stage 0: give that stage
+  a decoder layer or two fewer (`num_layers_in_first_pipeline_stage`) at PP > 1 (docs/vlm.md).
 - M-RoPE positions `[3, B, T]` (temporal, height, width; built by `rope_index` as transformers'
   `get_rope_index` does) applied with Qwen3-VL's *interleaved* frequency layout (`InterleavedMRoPE`):
   megatron's `MultimodalRotaryEmbedding` assigns contiguous frequency blocks (Qwen2-VL's layout).
@@ -24,7 +24,7 @@ engine, bridge, checkpoints and routing replay treat it like a text policy) with
   positions after the first `len(deepstack_visual_indexes)` decoder layers (forward hooks on those
   layers; they must sit on the first pipeline stage, next to the tower — checked at build).
 Samples without images run the language model alone (no vision pass).
-Tests: `python -m pytest tests/unit/test_vlm.py tests/distributed/test_vlm_parallel.py -q`
+Tests: `python -m pytest tests/unit/test_vlm.py tests/distributed/test_vlm_parallel.py tests/distributed/test_vlm_engine.py -q`
 """
 
 from __future__ import annotations
