@@ -74,7 +74,9 @@ class Qwen3VLModel(GPTModel):
                     f"this stage holds layers {sorted(local)} (missing {missing}): use more layers per stage "
                     "or num_layers_in_first_pipeline_stage"
                 )
-            self.vision = _vision_tower(hf_config)
+            # where and as what megatron made the language model's parameters (GPU: on the device, bf16)
+            anchor = self.embedding.word_embeddings.weight
+            self.vision = _vision_tower(hf_config).to(device=anchor.device, dtype=self.config.params_dtype)
             for index in sorted(wanted):
                 local[index].register_forward_hook(self._deepstack_hook(index))
         elif wanted & set(local):

@@ -149,3 +149,38 @@ def test_official_moe_checkpoint_loads_through_the_transposed_experts(tmp_path) 
     assert all(torch.equal(a[k], b[k]) for k in b if torch.is_tensor(b[k]))
     experts = [k for k in b if "local_experts" in k]
     assert experts and any(b[k].std() > 0 for k in experts)
+
+
+def test_bad_image_inputs_are_refused_naming_the_mismatch(processor) -> None:
+    from megatron_sapo.megatron.batching import Sample, collate
+
+    config, _ = hf_vlm(False, processor)
+    enc = image_batch(processor)
+    tokens = enc["input_ids"][1][enc["attention_mask"][1].bool()]
+    grid, pixels = enc["image_grid_thw"][2:], enc["pixel_values"][-int(enc["image_grid_thw"][2].prod()) :]
+    with pytest.raises(ValueError, match="both or neither"):
+        Sample(tokens, response_start=5, advantage=1.0, pixel_values=pixels)
+    with pytest.raises(ValueError, match="one row per patch"):
+        Sample(tokens, response_start=5, advantage=1.0, pixel_values=pixels[1:], image_grid_thw=grid)
+    good = Sample(tokens, response_start=5, advantage=1.0, pixel_values=pixels, image_grid_thw=grid)
+    with pytest.raises(ValueError, match="vision-language policy"):
+        collate([good])  # a text policy has no M-RoPE tokens
+    batch = collate([good], mrope=_tokens(config))
+    assert batch.position_ids.shape == (3, 1, good.seq_len) and torch.equal(batch.image_grid_thw, grid)
+    wrong_grid = grid * torch.tensor([[1, 2, 1]])  # twice the patches: pixels no longer match either
+    with pytest.raises(ValueError, match="image 0"):
+        collate(
+            [Sample(tokens, 5, 1.0, pixel_values=torch.cat([pixels, pixels]), image_grid_thw=wrong_grid)],
+            mrope=_tokens(config),
+        )
+
+
+def test_full_recompute_with_deepstack_is_refused() -> None:
+    from megatron_sapo.megatron.models import transformer_config_from_hf
+
+    config = tiny_vlm_config()
+    tc = transformer_config_from_hf(
+        config, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    )
+    with pytest.raises(ValueError, match="recompute"):
+        build_gpt_model(config, config=tc)
