@@ -6,9 +6,11 @@
 
 Every rank reads only its slices of the safetensors, one parameter at a time while the checkpoint is
 written (the model is never materialised). The output holds the torch_dist checkpoint, the HF
-config / tokenizer / generation config and megatron_sapo.json, so tools/convert_megatron_to_hf.py can go
-back. User errors print one line and exit 2. Library: megatron_sapo.convert.
-Tests: `python -m pytest tests/e2e/test_converters.py -q`
+config / tokenizer / generation config (a VLM's processor and chat template too) and megatron_sapo.json,
+so tools/convert_megatron_to_hf.py can go back. Vision-language models (qwen3_vl, qwen3_vl_moe) take the
+same flags; their deepstack layers must sit on the first pipeline stage. User errors print one line and
+exit 2. Library: megatron_sapo.convert.
+Tests: `python -m pytest tests/e2e/test_converters.py tests/e2e/test_vlm_converters.py -q`
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ No model is built and no parallel layout is needed: the torch_dist checkpoint (s
 read tensor by tensor, each full tensor is turned into HF tensors by the bridge's mapping table and
 written straight into its safetensors shard; with N processes the shards are split among them. Memory
 per process: about one (largest) tensor, independent of the model and shard sizes. Output: size-bounded
-shards + model.safetensors.index.json in the source dtype, config.json, tokenizer and generation config
-(transformers' from_pretrained and SGLang load it). User errors print one line and exit 2.
-Library: megatron_sapo.convert. Tests: `python -m pytest tests/e2e/test_converters.py -q`
+shards + model.safetensors.index.json in the source dtype, config.json, tokenizer and generation config,
+a VLM's processor and chat template (transformers' from_pretrained and SGLang load it); Qwen3-VL-MoE
+experts fused per layer as in the official checkpoints. User errors print one line and exit 2.
+Library: megatron_sapo.convert.
+Tests: `python -m pytest tests/e2e/test_converters.py tests/e2e/test_vlm_converters.py -q`
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@
 Architectures: `megatron_sapo/bridge/arch/`, one file per HF `model_type` holding its megatron config facts
 and its mapping table, found by the registry there (`architecture_of`, `mapping_table`, `ARCHITECTURES`);
 primitives: `mapping.py`; every safetensors read and write: `safetensors_io.py`; a whole HF directory
-(shards + config, tokenizer): `snapshot.py`.
+(shards + config, tokenizer, processor): `snapshot.py`; per-expert <-> fused expert tensors:
+`fused_experts.py`.
 Tests: `python -m pytest tests/unit/test_bridge_mapping.py tests/distributed/test_bridge.py -q`
 """
 

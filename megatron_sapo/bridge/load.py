@@ -6,9 +6,9 @@
 Each rank walks its own parameters, resolves them with the architecture's mapping table (global layer /
 expert indices) and reads only its TP slice of each HF tensor through `safe_open(...).get_slice`
 (memory-mapped), so no rank ever holds the whole model. Experts are read under per-expert checkpoint
-names, or from transformers-5 fused tensors when that is what the source holds
-(`mlp.experts.gate_up_proj` [E, 2I, H] with gate rows first, `mlp.experts.down_proj` [E, H, I], e.g. an
-in-memory `model.state_dict()`). Errors name the missing tensor and where it was looked for, both shapes
+names, or from fused tensors when that is what the source holds (`fused_experts.py`: transformers-5's
+in-memory `mlp.experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I], or the official Qwen3-VL-MoE
+files' transposed ones). Errors name the missing tensor and where it was looked for, both shapes
 of a mismatch, or the unsupported architecture. No communication: every rank loads independently.
 
 Tests: `python -m pytest tests/distributed/test_bridge.py tests/unit/test_bridge_mapping.py -q`
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping as MappingABC
 from typing import Any
 
 import torch
 
 from megatron_sapo.bridge.arch import architecture_of, mapping_table
+from megatron_sapo.bridge.fused_experts import FusedExpertAliases
 from megatron_sapo.bridge.layout import (
     LocalParam,
     ParallelGroups,
@@ -54,60 +54,6 @@ class StateDictSource:
 
     def describe(self, name: str) -> str:
         return self._where
-
-
-_PER_EXPERT = re.compile(
-    r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
-)
-
-
-class FusedExpertAliases:
-    """A `TensorSource` that also answers per-expert names from fused expert tensors.
-
-    Fused layouts: transformers-5 in memory `gate_up_proj [E, 2I, H]` (gate rows, then up rows),
-    `down_proj [E, H, I]`; with `transposed`, the official Qwen3-VL-MoE files `[E, H, 2I]` / `[E, I, H]`.
-    A per-expert name reads `[I, H]` (gate / up) or `[H, I]` (down), as HF's per-expert linears.
-    """
-
-    def __init__(self, base: TensorSource, *, transposed: bool = False) -> None:
-        self.base, self.transposed = base, transposed
-
-    def _alias(self, name: str) -> tuple[str, int, str, Shape] | None:
-        found = _PER_EXPERT.match(name)
-        if found is None or self.base.shape(name) is not None:
-            return None
-        proj = found["proj"]
-        fused = found["prefix"] + (".down_proj" if proj == "down_proj" else ".gate_up_proj")
-        shape = self.base.shape(fused)
-        if shape is None:
-            return None
-        # the per-expert view's [rows, cols], whatever the stored orientation
-        rows, cols = (shape[2], shape[1]) if self.transposed else (shape[1], shape[2])
-        return fused, int(found["expert"]), proj, (shape[0], rows, cols)
-
-    def shape(self, name: str) -> Shape | None:
-        alias = self._alias(name)
-        if alias is None:
-            return self.base.shape(name)
-        _, _, proj, (_, rows, cols) = alias
-        return (rows, cols) if proj == "down_proj" else (rows // 2, cols)
-
-    def read(self, name: str, index: Index) -> torch.Tensor:
-        alias = self._alias(name)
-        if alias is None:
-            return self.base.read(name, index)
-        fused, expert, proj, (_, rows, _) = alias
-        row_count = rows if proj == "down_proj" else rows // 2
-        offset = row_count if proj == "up_proj" else 0  # gate_up: [gate rows; up rows]
-        index = tuple(index) + (slice(None),) * (2 - len(index))
-        start, stop, step = index[0].indices(row_count)
-        row_index = slice(start + offset, stop + offset, step)
-        if self.transposed:  # rows of the view are the stored tensor's last dim
-            return self.base.read(fused, (slice(expert, expert + 1), index[1], row_index))[0].T.contiguous()
-        return self.base.read(fused, (slice(expert, expert + 1), row_index, index[1]))[0]
-
-    def describe(self, name: str) -> str:
-        return self.base.describe(name)
 
 
 def open_source(

@@ -216,7 +216,8 @@ class ShardWriter:
     """Writes one safetensors file whose tensors are given by `metas`; `write` each of them once.
 
     The file is written as `<path>.tmp` and renamed on a clean `close` (a failed write leaves no
-    file that looks complete). `write` checks name, shape and dtype against the plan.
+    file that looks complete). `write` checks name, shape and dtype against the plan; a tensor may be
+    written in row blocks (`start`).
     """
 
     def __init__(self, path: str | os.PathLike, metas: Sequence[TensorMeta]) -> None:
@@ -245,17 +246,34 @@ class ShardWriter:
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._file.truncate(self._data_start + offset)
         self._pending = set(self._slots)
+        self._rows: dict[str, set[int]] = {}  # rows written so far of tensors written in parts
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Put `tensor`'s bytes at its place in the file (no copy when it is contiguous on the CPU)."""
+    def write(self, name: str, tensor: torch.Tensor, *, start: int | None = None) -> None:
+        """Put `tensor`'s bytes at its place in the file (no copy when it is contiguous on the CPU).
+
+        `start`: `tensor` holds rows `start : start + len(tensor)` (dim 0) of the planned tensor, which
+        is complete once each of its rows is written (a fused expert tensor filled expert by expert).
+        """
         if name not in self._pending:
             raise ValueError(f"{self.path.name}: {name!r} is not planned for this shard or already written")
         offset, shape, dtype = self._slots[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        rows = range(start, start + len(tensor)) if start is not None and tensor.dim() and shape else None
+        expected = shape if start is None else None if rows is None else (len(rows), *shape[1:])
+        if tuple(tensor.shape) != expected or tensor.dtype != dtype or (rows and rows.stop > shape[0]):
+            at = "" if start is None else f" at row {start}"
             raise ValueError(
-                f"{self.path.name}: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}"
+                f"{self.path.name}: {name!r} is {tuple(tensor.shape)} {tensor.dtype}{at}, planned {shape} {dtype}"
             )
-        self._pending.discard(name)
+        if rows is not None:
+            done = self._rows.setdefault(name, set())
+            if done.intersection(rows):
+                raise ValueError(
+                    f"{self.path.name}: rows {rows.start}..{rows.stop - 1} of {name!r} written twice"
+                )
+            done.update(rows)
+            offset += start * torch.Size(shape[1:]).numel() * dtype.itemsize
+        if start is None or len(self._rows[name]) == shape[0]:
+            self._pending.discard(name)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.seek(self._data_start + offset)
         self._file.write(memoryview(data.numpy()))

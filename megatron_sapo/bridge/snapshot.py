@@ -3,7 +3,7 @@
     write_hf_snapshot(named_tensors, "/run/hf", assets_from="/ckpt/Qwen3-8B")   # complete, or not there
     write_stage_shards(buckets, "/run/hf.tmp", stage)     # each pipeline stage at once, then on one rank:
     finish_stage_snapshot("/run/hf.tmp", "/run/hf", assets_from="/ckpt/Qwen3-8B")   # one index
-    copy_assets("/ckpt/Qwen3-8B", "/out")               # config, tokenizer, generation config, chat template
+    copy_assets("/ckpt/Qwen3-8B", "/out")    # config, tokenizer, generation config, chat template, processor
 
 Used by the disk weight sync (`rollout/weight_sync.py`), the final export of a run (`train/outputs.py`)
 and the converters (`convert/`). The shards are written by `safetensors_io.save_safetensors_sharded`.
@@ -40,13 +40,20 @@ ASSET_FILES = (
     "merges.txt",
     "vocab.txt",
     "tokenizer.model",
+    # a vision-language model's processor: transformers 5 writes processor_config.json with the image and
+    # video processors inside; older checkpoints keep them in preprocessor_config.json and
+    # video_preprocessor_config.json (SGLang and AutoProcessor read either)
+    "processor_config.json",
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 STAGE_MAP = "weight_map.json"
 
 
 def copy_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy config, tokenizer and generation-config files from `src` to `dst`; return the names copied."""
+    """Copy config, tokenizer, generation-config and processor files (`ASSET_FILES`) from `src` to `dst`;
+    return the names copied."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     copied = [name for name in ASSET_FILES if (src / name).is_file()]

@@ -7,8 +7,10 @@
     with process_group():                                 # any number of ranks, or none
         megatron_to_hf("/ckpt/mcore", "/ckpt/hf-back")
 
+Text models and vision-language ones (Qwen3-VL, Qwen3-VL-MoE: processor files carried, experts fused
+per layer on the way back as in the official checkpoints) alike.
 CLIs: `tools/convert_hf_to_megatron.py`, `tools/convert_megatron_to_hf.py` (`--help`).
-Tests: `python -m pytest tests/e2e/test_converters.py -q`
+Tests: `python -m pytest tests/e2e/test_converters.py tests/e2e/test_vlm_converters.py -q`
 """
 
 from megatron_sapo.convert.assets import load_hf_config, read_metadata

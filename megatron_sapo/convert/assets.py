@@ -1,16 +1,19 @@
 """What the converters check and record around the weights: the HF config, the checkpoint dtype, metadata.
 
 A converter output directory (`hf_to_megatron`) holds the megatron distributed checkpoint next to what is
-needed to go back to Hugging Face (config and tokenizer files copied by `bridge.snapshot.copy_assets`)::
+needed to go back to Hugging Face (config, tokenizer and processor files copied by
+`bridge.snapshot.copy_assets`)::
 
     config.json  tokenizer.json  tokenizer_config.json  ...  generation_config.json
+    processor_config.json  preprocessor_config.json  ...    a vision-language model's processor
     megatron_sapo.json                      format, model_type, layout used, dtype, tensor count
     latest_checkpointed_iteration.txt       "0"
     iter_0000000/                           torch_dist checkpoint (model weights only)
 
-`load_hf_config` checks an HF dir, `safetensors_dtype` reads its weights' dtypes from the safetensors
-headers (`bridge.safetensors_io.SafetensorsReader`), `write_metadata` / `read_metadata` the
-`megatron_sapo.json` file. Tests: `python -m pytest tests/e2e/test_converters.py -q`
+`load_hf_config` checks an HF dir (a vision-language model's processor too: `check_processor`),
+`safetensors_dtype` reads its weights' dtypes from the safetensors headers
+(`bridge.safetensors_io.SafetensorsReader`), `write_metadata` / `read_metadata` the `megatron_sapo.json`
+file. Tests: `python -m pytest tests/e2e/test_converters.py tests/e2e/test_vlm_converters.py -q`
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ METADATA_FILE = "megatron_sapo.json"
 FORMAT = "megatron_sapo.megatron_checkpoint"
 FORMAT_VERSION = 1
 
+# A vision-language checkpoint's processor is in one of these (transformers 5 writes the first).
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 # A checkpoint converts when its most common dtype is one of these (the model is built in it).
 _FLOAT_CODES = ("F64", "F32", "F16", "BF16")
 
@@ -60,7 +65,39 @@ def load_hf_config(hf_dir: str | os.PathLike) -> Any:
         )
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path)
+    hf_config = AutoConfig.from_pretrained(path)
+    if ARCHITECTURES[model_type].vision:
+        check_processor(path, hf_config)
+    return hf_config
+
+
+def check_processor(hf_dir: str | os.PathLike, hf_config: Any) -> None:
+    """ConversionError unless a vision-language checkpoint's processor files are there, load, and give the
+    vision tokens (`<|image_pad|>`, ...) the ids config.json has: the model only finds an image's
+    embeddings at the positions of `image_token_id`, so a tokenizer that disagrees silently drops images."""
+    from transformers import AutoProcessor
+
+    path = Path(hf_dir)
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise ConversionError(
+            f"no processor files in {path} ({' or '.join(PROCESSOR_FILES)}): a {hf_config.model_type} "
+            "checkpoint needs its image processor and tokenizer; copy them from the original model"
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... for broken files
+        raise ConversionError(f"the processor in {path} does not load: {str(err).splitlines()[0]}") from None
+    for kind in ("image", "video", "vision_start", "vision_end"):
+        expected, found = (
+            getattr(hf_config, f"{kind}_token_id", None),
+            getattr(processor, f"{kind}_token_id", None),
+        )
+        if expected is not None and found != expected:
+            token = getattr(processor, f"{kind}_token", kind)
+            raise ConversionError(
+                f"{path}: the processor's {kind} token {token!r} has id {found} in its tokenizer, but "
+                f"config.json has {kind}_token_id={expected}"
+            )
 
 
 def safetensors_dtype(hf_dir: str | os.PathLike) -> tuple[str, int, int]:

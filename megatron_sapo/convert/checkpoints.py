@@ -12,11 +12,13 @@ HF -> Megatron: every rank builds its part of the model on the meta device (`bui
 memory), checks that the safetensors hold every tensor it needs with the right shape, and the job
 writes one torch_dist checkpoint (step 0, model only, `megatron.checkpoint.save_checkpoint`) in which
 each parameter's slice is read from the safetensors right before it is written (`lazy_save.py`): a
-rank holds about one parameter at a time. Plus the config / tokenizer files (`bridge/snapshot.py`) and
-the converter metadata (`assets.py`). `load_megatron_model`
+rank holds about one parameter at a time. Plus the config / tokenizer / processor files
+(`bridge/snapshot.py`) and the converter metadata (`assets.py`). A vision-language model is the same
+`build_gpt_model` (its vision tower on the first pipeline stage). `load_megatron_model`
 builds a model at the current layout and loads such a checkpoint into it (torch_dist reshards on load).
 Megatron -> HF never builds a model: see `to_hf.py`.
-Tests: `python -m pytest tests/e2e/test_converters.py -q` (SmolLM2: add `-m slow`).
+Tests: `python -m pytest tests/e2e/test_converters.py tests/e2e/test_vlm_converters.py -q` (SmolLM2:
+`tests/e2e/test_smollm2_convert.py -m slow`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.bridge import ParallelGroups, mapping_table
+from megatron_sapo.bridge.arch import language_config
 from megatron_sapo.bridge.layout import local_parameters
 from megatron_sapo.bridge.snapshot import copy_assets
 from megatron_sapo.convert.assets import (
@@ -65,10 +68,11 @@ def build_model_chunks(hf_config: Any, *, dtype: torch.dtype, spec: SpecName) ->
             dtype=None if on_cpu else dtype,  # CPU: fp32 only (exact for fp16 / bf16 sources)
             use_cpu_initialization=True,  # weights are overwritten: skip the GPU init kernels
         )
+        stages = range(layout.vpp) if layout.vpp else [None]
+        # the build refuses what the config cannot (a VLM's deepstack layers off the first stage)
+        return [build_gpt_model(hf_config, vp_stage=v, spec=spec, config=config).eval() for v in stages]
     except ValueError as err:
         raise ConversionError(str(err).splitlines()[0]) from None
-    stages = range(layout.vpp) if layout.vpp else [None]
-    return [build_gpt_model(hf_config, vp_stage=v, spec=spec, config=config).eval() for v in stages]
 
 
 def _resolve_spec(spec: SpecName) -> SpecName:
@@ -110,7 +114,7 @@ def hf_to_megatron(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, spe
             world_size=dist.get_world_size(),
             spec=spec,
             dtype=dtype_name,
-            padded_vocab_size=padded_vocab_size(hf_config.vocab_size, layout.tp),
+            padded_vocab_size=padded_vocab_size(language_config(hf_config).vocab_size, layout.tp),
             hf_tensors=num_tensors,
             hf_bytes=num_bytes,
         )
@@ -130,7 +134,7 @@ def load_megatron_model(megatron_dir: str | os.PathLike) -> tuple[list[torch.nn.
         )
     layout = current_layout()
     build_config = hf_config
-    if meta["padded_vocab_size"] != padded_vocab_size(hf_config.vocab_size, layout.tp):
+    if meta["padded_vocab_size"] != padded_vocab_size(language_config(hf_config).vocab_size, layout.tp):
         # torch_dist needs the saved global embedding shape: keep the saved padding when tp divides it
         if meta["padded_vocab_size"] % layout.tp:
             raise ConversionError(
@@ -138,7 +142,7 @@ def load_megatron_model(megatron_dir: str | os.PathLike) -> tuple[list[torch.nn.
                 f"tp={meta['layout']['tp']}) is not divisible by tp={layout.tp}"
             )
         build_config = copy.deepcopy(hf_config)
-        build_config.vocab_size = meta["padded_vocab_size"]
+        build_config.get_text_config().vocab_size = meta["padded_vocab_size"]  # a VLM's text_config
     chunks = build_model_chunks(build_config, dtype=getattr(torch, meta["dtype"]), spec=spec)
     load_checkpoint(megatron_dir, model_chunks=chunks)
     return chunks, hf_config, meta

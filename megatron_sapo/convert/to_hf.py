@@ -11,11 +11,16 @@ so the architecture's bridge table turns it into HF tensors with the same `to_hf
 uses. The HF tensors are planned (names, shapes, output dtype, shards) from the metadata alone, shards
 are dealt round-robin over the ranks, and every rank writes its shards tensor by tensor
 (`bridge.safetensors_io.ShardWriter`): a rank holds one megatron tensor and its HF views at a time, never
-a shard. Rank 0 then writes the index and copies config / tokenizer files.
+a shard. Rank 0 then writes the index and copies config / tokenizer / processor files.
+
+Where the source architecture's files fuse each layer's experts (official Qwen3-VL-MoE:
+`gate_up_proj [E, H, 2I]`, `down_proj [E, I, H]`, `bridge/fused_experts.py`), the per-expert tensors are
+written as those fused tensors instead, one expert's slice at a time: still one megatron tensor (one
+expert) in memory, never a layer's experts.
 
 Works with or without torch.distributed (no megatron parallel state is used). Output: tensors
 bit-identical to exporting a loaded model, files byte-identical to `save_file`.
-Tests: `python -m pytest tests/e2e/test_converters.py -q`
+Tests: `python -m pytest tests/e2e/test_converters.py tests/e2e/test_vlm_converters.py -q`
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from megatron_sapo.bridge import mapping_table
+from megatron_sapo.bridge import architecture_of, mapping_table
+from megatron_sapo.bridge.fused_experts import official_fused_experts
 from megatron_sapo.bridge.mapping import Mapping, MappingTable
 from megatron_sapo.bridge.safetensors_io import (
     ShardWriter,
@@ -127,6 +133,25 @@ def _converted(reader: DistCheckpointReader, unit: Unit, table: MappingTable) ->
     ]
 
 
+class _UnitTensors:
+    """Serves HF tensors by name, holding only the unit converted last: a unit's HF tensors are
+    consecutive in a shard, so each unit is read once per shard."""
+
+    def __init__(self, reader: DistCheckpointReader, table: MappingTable, unit_of: dict[str, Unit]) -> None:
+        self.reader, self.table, self.unit_of = reader, table, unit_of
+        self.last: Unit | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str) -> torch.Tensor:
+        unit = self.unit_of[name]
+        if unit is not self.last:
+            self.tensors.clear()  # leftovers of the previous unit belong to another shard
+            converted = _converted(self.reader, unit, self.table)
+            self.tensors.update(zip((n for n, _, _ in unit.hf), converted, strict=True))
+            self.last = unit
+        return self.tensors.pop(name)
+
+
 def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -171,7 +196,10 @@ def megatron_to_hf(
     table = mapping_table(hf_config)
     reader = DistCheckpointReader(_checkpoint_dir(source))
     units = plan_units(reader.tensors(), table, dtype)
-    shards = plan_shards([hf for unit in units for hf in unit.hf], max_shard_bytes)
+    files, fused = [hf for unit in units for hf in unit.hf], {}
+    if architecture_of(hf_config).disk_experts_transposed:  # official Qwen3-VL-MoE: experts fused per layer
+        files, fused = official_fused_experts(files)
+    shards = plan_shards(files, max_shard_bytes)
     unit_of = {name: unit for unit in units for name, _, _ in unit.hf}
     mine = range(rank, len(shards), world)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,18 +212,15 @@ def megatron_to_hf(
     )
     for i in mine:
         with ShardWriter(out / shard_file_name(i, len(shards)), shards[i]) as writer:
-            last, tensors = None, {}
+            take = _UnitTensors(reader, table, unit_of).take
             for hf in shards[i]:
-                unit = unit_of[hf[0]]
-                if unit is not last:  # a unit's HF tensors are consecutive: read it once per shard
-                    tensors.clear()  # leftovers of the previous unit belong to another shard
-                    tensors.update(
-                        zip((n for n, _, _ in unit.hf), _converted(reader, unit, table), strict=True)
-                    )
-                    last = unit
-                writer.write(hf[0], tensors.pop(hf[0]))
+                if hf[0] in fused:  # written expert by expert: one expert's tensors in memory
+                    for e, names in enumerate(fused[hf[0]].parts):
+                        writer.write(hf[0], fused[hf[0]].block([take(n) for n in names]), start=e)
+                else:
+                    writer.write(hf[0], take(hf[0]))
                 bar.update(nbytes(hf))
-            del tensors
+            del take
     bar.close()
     if world > 1:
         dist.barrier()  # every shard is on disk before the index names it

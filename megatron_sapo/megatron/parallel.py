@@ -102,13 +102,26 @@ def check_layout(
             f"{prefix}sequence_parallel needs a GPU: megatron's sequence parallelism is not possible on CPU"
         )
     if hf_config is not None:
-        c = hf_config
+        from megatron_sapo.bridge.arch import language_config
+
+        c = language_config(hf_config)  # a VLM's text tower is what megatron splits
         for field in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             if getattr(c, field) % tp:
                 raise LayoutError(f"{name_tp}={tp} does not divide {field}={getattr(c, field)}")
         if c.num_hidden_layers % stages:
             raise LayoutError(
                 f"{name_pp} x {prefix}vpp = {stages} does not divide num_hidden_layers={c.num_hidden_layers}"
+            )
+        # megatron/vlm.py adds deepstack features after the first decoder layers, on the stage with the
+        # vision tower: every such layer must be in the first (virtual) pipeline stage.
+        vision = getattr(hf_config, "vision_config", None)
+        deepstack = len(getattr(vision, "deepstack_visual_indexes", None) or ())
+        if stages > 1 and c.num_hidden_layers // stages < deepstack:
+            split = f"{name_pp}={pp}" if p.vpp is None else f"{name_pp} x {prefix}vpp = {pp} x {p.vpp}"
+            raise LayoutError(
+                f"{split} puts {c.num_hidden_layers // stages} of "
+                f"num_hidden_layers={c.num_hidden_layers} on the first pipeline stage, but {c.model_type}'s "
+                f"{deepstack} deepstack layers must all be there (with the vision tower)"
             )
         experts = getattr(c, "num_experts", None)
         if not experts and ep > 1:

@@ -2,7 +2,8 @@
 
 Primitives against hand-written layouts (per-head loops, not the primitives' reshapes): fused QKV rows
 per KV group, GLU halves per TP rank, vocab padding, transformers-5 fused experts read as per-expert
-tensors. The sharded writer against its byte bound, HF's index format and `save_file`'s bytes (every
+tensors, per-expert tensors written expert by expert as the official Qwen3-VL-MoE fused ones (= the
+in-memory ones transposed). The sharded writer against its byte bound, HF's index format and `save_file`'s bytes (every
 dtype); the header reader against the tensors written. Loads from a multi-shard
 checkpoint and from fused expert names on disk reproduce the model; missing tensors, shape mismatches
 and unknown architectures fail with messages naming them. A new architecture is one file: a copy of
@@ -40,12 +41,14 @@ from megatron_sapo.bridge import (
     save_safetensors_sharded,
 )
 from megatron_sapo.bridge.arch import discover
+from megatron_sapo.bridge.fused_experts import official_fused_experts
 from megatron_sapo.bridge.load import StateDictSource, open_source
 from megatron_sapo.bridge.mapping import FusedQKV, GatedMLP, ModelDims, VocabParallel
-from megatron_sapo.bridge.safetensors_io import DTYPES
+from megatron_sapo.bridge.safetensors_io import DTYPES, ShardWriter
 from megatron_sapo.megatron.models import architecture_of, build_gpt_model
 from megatron_sapo.megatron.testing import init_megatron_cpu
 from megatron_sapo.utils.spawn import free_port
+from megatron_sapo.utils.tiny_vlm import official_expert_layout
 from tests.hf_reference import (
     checkpoint_state_dict,
     llama_config,
@@ -112,6 +115,47 @@ def test_fused_expert_tensors_read_as_per_expert_slices() -> None:
     assert torch.equal(
         source.read("m.experts.0.down_proj.weight", (slice(None), slice(2, 4))), down[0, :, 2:]
     )
+
+
+def test_per_expert_tensors_fuse_into_the_official_layout_expert_by_expert(tmp_path) -> None:
+    """Per-expert tensors (read from transformers' in-memory fusion) written back fused: the official
+    files' tensors are the in-memory ones with dims 1 and 2 swapped (tiny_vlm.official_expert_layout),
+    filled one expert at a time by the shard writer, in any order; other tensors pass through."""
+    gen = torch.Generator().manual_seed(0)
+    memory = {  # E=3, I=4, H=5; the norm after the experts in the checkpoint's order
+        "l.0.mlp.experts.gate_up_proj": torch.randn(3, 8, 5, generator=gen),
+        "l.0.mlp.experts.down_proj": torch.randn(3, 5, 4, generator=gen),
+        "l.0.norm.weight": torch.randn(5, generator=gen),
+    }
+    official = official_expert_layout(memory)
+    source = open_source(memory)
+    names = [
+        f"l.0.mlp.experts.{e}.{p}.weight" for e in range(3) for p in ("gate_proj", "up_proj", "down_proj")
+    ] + ["l.0.norm.weight"]
+    metas = [(n, source.shape(n), torch.float32) for n in names]
+    files, fused = official_fused_experts(metas)
+    assert files == [(n, tuple(t.shape), torch.float32) for n, t in official.items()]  # where expert 0 was
+    assert [m[1] for m in files[:2]] == [(3, 5, 8), (3, 4, 5)]  # [E, H, 2I], [E, I, H]
+    with ShardWriter(tmp_path / "model.safetensors", files) as writer:
+        writer.write("l.0.norm.weight", memory["l.0.norm.weight"])
+        for name, tensor in fused.items():
+            for e in (2, 0, 1):
+                writer.write(name, tensor.block([source.read(n, ()) for n in tensor.parts[e]]), start=e)
+                if e == 2:
+                    with pytest.raises(ValueError, match="written twice"):
+                        writer.write(name, torch.zeros(1, *tensor.shape[1:]), start=2)
+    with SafetensorsReader(tmp_path) as reader:
+        assert sorted(reader.names()) == sorted(official)
+        assert all(torch.equal(reader.read(n, ()), t) for n, t in official.items())
+    with (
+        pytest.raises(RuntimeError, match="never written"),
+        ShardWriter(tmp_path / "part", files[:1]) as writer,
+    ):
+        writer.write(files[0][0], torch.zeros(1, *files[0][1][1:]), start=0)  # expert 0 of 3 only
+    with pytest.raises(ValueError, match="do not each have"):
+        official_fused_experts(metas[:7] + metas[8:])  # expert 2 without its up_proj
+    with pytest.raises(ValueError, match="do not each have"):
+        official_fused_experts(metas[:5] + metas[6:])  # down_proj of experts 0 and 2 only
 
 
 def test_sharded_writer_bounds_shards_and_reads_back(tmp_path) -> None:

@@ -68,6 +68,26 @@ def test_layout_errors_name_the_setting() -> None:
     assert msg.startswith("--tp=4 ")
 
 
+def test_vlm_layouts_split_the_text_tower_and_keep_deepstack_on_the_first_stage() -> None:
+    """A Qwen3-VL config is checked through its text_config (4 heads, 2 KV heads, 6 layers); its 3
+    deepstack layers must all fall in the first (virtual) pipeline stage, next to the vision tower."""
+    from megatron_sapo.utils.tiny_vlm import tiny_vlm_config
+
+    vlm = tiny_vlm_config(moe=True, num_layers=6)
+    msg = _layout_error(parallel=ParallelConfig(tp=4), hf_config=vlm)
+    assert "parallel.tp=4" in msg and "num_key_value_heads=2" in msg
+    msg = _layout_error(parallel=ParallelConfig(pp=3), hf_config=vlm, prefix="--")
+    assert (
+        msg.startswith("--pp=3 puts 2 of num_hidden_layers=6 on the first pipeline stage")
+        and "3 deepstack" in msg
+    )
+    twelve = tiny_vlm_config(num_layers=12)
+    msg = _layout_error(parallel=ParallelConfig(pp=3, vpp=2), hf_config=twelve)
+    assert "parallel.pp x parallel.vpp = 3 x 2 puts 2 of" in msg
+    check_layout(ParallelConfig(pp=2, ep=2), world=4, hf_config=vlm)  # layers 0-2 on stage 0
+    check_layout(ParallelConfig(pp=2, vpp=2), world=2, hf_config=twelve)  # 3 per virtual stage
+
+
 def test_cpu_refuses_bfloat16_and_sequence_parallelism() -> None:
     msg = _layout_error(parallel=ParallelConfig(), dtype="bfloat16", gpu=False)
     assert msg.startswith("model.dtype 'bfloat16' needs a GPU")
