@@ -13,17 +13,21 @@
 
 Every bucket is checked against the served checkpoint's names, shapes and dtypes before anything is sent
 (SGLang accepts unknown names silently — e.g. transformers-5 fused expert names — and a malformed
-payload can kill its scheduler). A bucket travels as SGLang's "flattened_bucket": one byte buffer plus
-(name, dtype, shape, offsets) per tensor, so one shared-memory segment / one broadcast per bucket.
+payload can kill its scheduler). Qwen3-VL-MoE checkpoints hold fused experts; their per-expert names
+pass too (shapes from `bridge/fused_experts.py`), never both forms in one check. A bucket travels as
+SGLang's "flattened_bucket": one byte buffer plus (name, dtype, shape, offsets) per tensor, so one
+shared-memory segment / one broadcast per bucket.
 Any trainer rank may run one (the weight sync gives every pipeline stage's sender its own, with one
 group per server); begin/end/finish are rank 0's. Trainer-side orchestration (export, buckets,
 versions, retries) is `rollout/weight_sync.py`.
+Tests: tests/unit/test_weight_manifest.py, tests/e2e/test_sglang_engine.py, tests/e2e/test_vlm_sglang.py.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import itertools
 import logging
 import threading
 from collections.abc import Sequence
@@ -37,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
+from megatron_sapo.bridge.fused_experts import PER_EXPERT, FusedExpertAliases
 from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
 from megatron_sapo.rollout.client import Endpoint, SGLangEngine
 from megatron_sapo.rollout.types import RolloutError
@@ -44,6 +49,7 @@ from megatron_sapo.rollout.types import RolloutError
 log = logging.getLogger(__name__)
 
 Bucket = Sequence[tuple[str, torch.Tensor]]
+FUSED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 
 
 class WeightManifest:
@@ -59,7 +65,21 @@ class WeightManifest:
         except FileNotFoundError:
             raise RolloutError(f"no safetensors files in {path}") from None
         headers = {name: reader.header(name) for name in reader.names()}
-        return cls({name: (h.shape, DTYPES.get(h.dtype)) for name, h in headers.items()}, str(path))
+        entries = {name: (h.shape, DTYPES.get(h.dtype)) for name, h in headers.items()}
+        # Fused experts (Qwen3-VL-MoE files): SGLang's loader also takes them expert by expert, the form
+        # an expert-parallel export has without gathering a layer's experts. Its loader transposes fused
+        # tensors unconditionally, so a file it serves is in the official orientation [E, H, 2I].
+        aliases = FusedExpertAliases(reader, transposed=True)
+        for name, (shape, dtype) in list(entries.items()):
+            if name.endswith(FUSED_EXPERTS) and len(shape) == 3:
+                prefix, fused = name.rsplit(".", 1)
+                projs = ("gate_proj", "up_proj") if fused == "gate_up_proj" else ("down_proj",)
+                for e, proj in itertools.product(range(shape[0]), projs):
+                    entries[f"{prefix}.{e}.{proj}.weight"] = (
+                        aliases.shape(f"{prefix}.{e}.{proj}.weight"),
+                        dtype,
+                    )
+        return cls(entries, str(path))
 
     def check(self, bucket: Bucket) -> None:
         self.check_metas([(name, tuple(t.shape), t.dtype) for name, t in bucket])
@@ -67,6 +87,12 @@ class WeightManifest:
     def check_metas(self, metas: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
         """`check` from names, shapes and dtypes alone (a plan of buckets not exported yet)."""
         problems = []
+        names = [name for name, _, _ in metas]
+        if any(n.endswith(FUSED_EXPERTS) for n in names) and any(PER_EXPERT.match(n) for n in names):
+            # SGLang's Qwen3-VL-MoE loader switches to its fused-name table at the first fused name of
+            # a request and then drops every per-expert name after it ("not found", no error). Checked
+            # per bucket or per plan of buckets: one form per sync is what an export produces anyway.
+            problems.append("fused and per-expert expert names together (send one form only)")
         for name, shape, dtype in metas:
             if name not in self.entries:
                 problems.append(f"{name}: not a tensor of the served checkpoint")
