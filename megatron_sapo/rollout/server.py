@@ -10,6 +10,8 @@
 CPU servers get SGLang's CPU flags (torch-native attention and sampling, no CUDA graphs, fp32, a bounded
 KV pool — else it is sized from host RAM and the scheduler is OOM-killed) and the rotary-kernel
 stand-in on their PYTHONPATH (`cpu_shim/`); GPU servers get neither. See ../shared/DESIGN.md.
+Every server runs with SGLang's image-embedding cache off (`SGLANG_VLM_CACHE_SIZE_MB=0`): it would
+serve embeddings of the vision weights before a sync (tests/e2e/test_vlm_sglang.py shows both sides).
 Each server runs under `orphan_guard.py`, the leader of its process group, which ends the group when the
 process that launched it dies without `stop()` (SIGKILL, OOM kill): no server keeps its port and GPU memory
 after its trainer is gone.
@@ -18,7 +20,8 @@ node's servers share the node's key). SGLang takes keys as flags only, so they r
 YAML file passed as `--config` (expanded inside the server: `ps` shows the path, not the keys), deleted
 once the server is ready; the guard (told them through its stdin) masks them in the server's log, where
 SGLang prints its arguments.
-Tests: tests/e2e/test_sglang_engine.py, tests/e2e/test_engine_key.py, tests/e2e/conftest.py.
+Tests: tests/e2e/test_sglang_engine.py, tests/e2e/test_engine_key.py, tests/e2e/conftest.py,
+tests/e2e/test_vlm_sglang.py.
 """
 
 from __future__ import annotations
@@ -131,6 +134,11 @@ class SGLangServer:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # SGLang keeps vision-encoder outputs in a cache keyed by the image's content; neither a weight
+        # update nor /flush_cache empties it, so after a sync an image seen before keeps its old-weight
+        # embedding (measured: log-probs off by ~0.1, no error). Forced on every server, user setting
+        # or not: only multimodal models read it, and a policy's weights change at every step.
+        env["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
         if self.config.device == "cpu":
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CPU_SHIM_DIR), env.get("PYTHONPATH")]))
             env.setdefault("SGLANG_USE_CPU_ENGINE", "0")
