@@ -22,7 +22,8 @@ cache and memory routes): a launched server's own, or the key given with an `End
 URL string sends none).
 
 Weight updates (called by `rollout/weight_sync.py`, which owns the trainer side) live in
-`rollout/sglang_updates.py`. Tests: tests/e2e/test_sglang_engine.py, tests/e2e/test_engine_key.py.
+`rollout/sglang_updates.py`. Tests: tests/e2e/test_sglang_engine.py, tests/e2e/test_engine_key.py,
+tests/unit/test_vlm_client.py (a VLM config.json).
 """
 
 from __future__ import annotations
@@ -332,7 +333,8 @@ def _model_sizes(model_path: str) -> tuple[int, int]:
     if not config.is_file():
         raise RolloutError(f"no config.json in {model_path}: the client needs the served model's files")
     data = json.loads(config.read_text())
-    size = data.get("vocab_size") or data.get("text_config", {}).get("vocab_size")
+    text = data.get("text_config", {})  # vision-language models keep the language model's sizes here
+    size = data.get("vocab_size") or text.get("vocab_size")
     if not size:
         raise RolloutError(f"{config} has no vocab_size")
-    return int(size), int(data.get("num_experts_per_tok") or 0)
+    return int(size), int(data.get("num_experts_per_tok") or text.get("num_experts_per_tok") or 0)
