@@ -296,3 +296,75 @@ def test_fused_then_per_expert_names_in_one_bucket_lose_the_per_expert_ones(
     # measured: 4.8e-7 to layer 0 new + layer 1 old; 0.78 to both new
     assert _diff(out, refs[(0,)], images, content) <= TOL
     assert _diff(out, refs[(0, 1)], images, content) > 0.05
+
+
+def _policy_sync(rank: int, world: int, url: str, key, model_dir: str) -> dict:
+    """EP2 megatron policy loaded from the served checkpoint, perturbed (vision and language), synced
+    through `WeightSync`; the server's log-probs of an image prompt vs the trainer's, before and after."""
+    from functools import partial
+
+    import torch.distributed as dist
+    from transformers import AutoConfig
+
+    from megatron_sapo.bridge import load_hf_weights
+    from megatron_sapo.megatron.batching import Sample
+    from megatron_sapo.megatron.engine import LossConfig, OptimConfig, PolicyEngine
+    from megatron_sapo.megatron.models import build_gpt_model
+    from megatron_sapo.megatron.testing import init_megatron_cpu
+    from megatron_sapo.rollout.client import Endpoint
+    from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
+
+    init_megatron_cpu(ep=2)
+    config = AutoConfig.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    policy = PolicyEngine(partial(build_gpt_model, config), OptimConfig(), LossConfig(mini_batches=1))
+    load_hf_weights(policy.model, config, model_dir)  # official fused experts on disk
+    engine = SGLangEngine([Endpoint(url, key)], model_path=model_dir) if rank == 0 else None
+    images, content = PROMPTS[0]
+    vision = processor.tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+
+    def served_vs_trainer() -> float:
+        out = [_generate(engine, processor, images, content) if rank == 0 else None]
+        dist.broadcast_object_list(out, src=0)
+        pairs = out[0]["meta_info"]["output_token_logprobs"]
+        tokens = [t for _, t, _ in pairs]
+        cut = next((i for i, t in enumerate(tokens) if t in vision), len(tokens))  # see Reference.logprobs
+        enc = processor(
+            text=[_prompt(processor, content)], images=[_image(*s) for s in images], return_tensors="pt"
+        )
+        prompt = enc["input_ids"][0]
+        sample = Sample(
+            torch.cat([prompt, torch.tensor(tokens[:cut])]),
+            response_start=len(prompt),
+            advantage=0.0,
+            pixel_values=enc["pixel_values"],
+            image_grid_thw=enc["image_grid_thw"],
+        )
+        trainer = policy.compute_logprobs([sample])[0]
+        served = torch.tensor([lp for lp, _, _ in pairs[:cut]])
+        return (served - trainer).abs().max().item()
+
+    before = served_vs_trainer()
+    g = torch.Generator().manual_seed(3)  # same on both EP ranks: replicated weights stay equal
+    with torch.no_grad():
+        for chunk in policy.model:
+            for p in chunk.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    stale = served_vs_trainer()
+    WeightSync(
+        engine, policy.model, config, WeightSyncConfig(transport="tensor", bucket_bytes=64 << 10)
+    ).sync(version="v1")
+    return dict(before=before, stale=stale, after=served_vs_trainer())
+
+
+def test_megatron_policy_sync_into_the_vlm_server_matches_the_trainer(servers, vlms) -> None:
+    """The trainer's path: a sharded Qwen3-VL-MoE policy (EP2) -> bridge export -> SGLang, vision included."""
+    from megatron_sapo.utils.spawn import run_on_ranks
+
+    _engine(servers, vlms, "moe")  # back to the checkpoint the policy loads
+    server = servers["moe"]
+    result = run_on_ranks(_policy_sync, world_size=2, args=(server.url, server.key, vlms["moe"]["old"]))[0]
+    print(f"served vs trainer: {result}")
+    assert result["before"] <= TOL  # same weights: the trainer's π on the served image prompt
+    assert result["stale"] > 0.1  # perturbed policy, server not synced yet
+    assert result["after"] <= TOL, result
