@@ -298,7 +298,7 @@ def test_fused_then_per_expert_names_in_one_bucket_lose_the_per_expert_ones(
     assert _diff(out, refs[(0, 1)], images, content) > 0.05
 
 
-def _policy_sync(rank: int, world: int, url: str, key, model_dir: str) -> dict:
+def _policy_sync(rank: int, world: int, url: str, key, model_dir: str, disk_dir: str) -> dict:
     """EP2 megatron policy loaded from the served checkpoint, perturbed (vision and language), synced
     through `WeightSync`; the server's log-probs of an image prompt vs the trainer's, before and after."""
     from functools import partial
@@ -351,20 +351,32 @@ def _policy_sync(rank: int, world: int, url: str, key, model_dir: str) -> dict:
             for p in chunk.parameters():
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
     stale = served_vs_trainer()
-    WeightSync(
-        engine, policy.model, config, WeightSyncConfig(transport="tensor", bucket_bytes=64 << 10)
-    ).sync(version="v1")
-    return dict(before=before, stale=stale, after=served_vs_trainer())
+    tensor = WeightSyncConfig(transport="tensor", bucket_bytes=64 << 10)
+    WeightSync(engine, policy.model, config, tensor).sync(version="v1")
+    after = served_vs_trainer()
+    # again through an exported checkpoint: the "disk" transport writes the policy as HF safetensors
+    # (plus config, tokenizer and processor files) and the server loads that directory
+    with torch.no_grad():
+        for chunk in policy.model:
+            for p in chunk.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    stale_disk = served_vs_trainer()
+    disk = WeightSyncConfig(transport="disk", disk_dir=disk_dir)
+    WeightSync(engine, policy.model, config, disk).sync(version="v2")
+    after_disk = served_vs_trainer()
+    return dict(before=before, stale=stale, after=after, stale_disk=stale_disk, after_disk=after_disk)
 
 
-def test_megatron_policy_sync_into_the_vlm_server_matches_the_trainer(servers, vlms) -> None:
+def test_megatron_policy_sync_into_the_vlm_server_matches_the_trainer(servers, vlms, tmp_path) -> None:
     """The trainer's path: a sharded Qwen3-VL-MoE policy (EP2) -> bridge export -> SGLang, vision included."""
     from megatron_sapo.utils.spawn import run_on_ranks
 
     _engine(servers, vlms, "moe")  # back to the checkpoint the policy loads
     server = servers["moe"]
-    result = run_on_ranks(_policy_sync, world_size=2, args=(server.url, server.key, vlms["moe"]["old"]))[0]
+    args = (server.url, server.key, vlms["moe"]["old"], str(tmp_path / "sync"))
+    result = run_on_ranks(_policy_sync, world_size=2, args=args)[0]
     print(f"served vs trainer: {result}")
     assert result["before"] <= TOL  # same weights: the trainer's π on the served image prompt
     assert result["stale"] > 0.1  # perturbed policy, server not synced yet
     assert result["after"] <= TOL, result
+    assert result["stale_disk"] > 0.1 and result["after_disk"] <= TOL, result
