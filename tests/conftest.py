@@ -1,4 +1,4 @@
-"""Suite-wide checks: enough free disk before anything runs.
+"""Suite-wide checks (enough free disk before anything runs) and the one-rank megatron fixture.
 
 The suite writes up to ~2 GB at once under the temp dir (SmolLM2 converted at TP1/TP3, SGLang logs,
 checkpoints). On a full disk every later test errors in its set-up and pytest itself dies writing its
@@ -34,3 +34,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             "(free space, or point TMPDIR at a larger disk)",
             returncode=3,
         )
+
+
+@pytest.fixture(scope="module")
+def megatron_tp1():
+    """A 1-rank gloo group + megatron parallel state (TP=PP=EP=1) for one module, torn down after it."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_sapo.megatron.testing import init_megatron_cpu
+    from megatron_sapo.utils.spawn import free_port
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    init_megatron_cpu(tp=1)
+    yield
+    parallel_state.destroy_model_parallel()
+    if created:
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ from transformers import Qwen3Config, Qwen3MoeConfig
 from megatron_sapo.rollout.client import SGLangEngine
 from megatron_sapo.rollout.server import ServerConfig, SGLangServer
 from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
+from tests.e2e.helpers import running
 
 _COMMON = dict(
     vocab_size=320,
@@ -52,17 +53,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def sglang_servers(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("sglang_logs")
-    servers = {}
-    try:
-        for name, path in tiny_models.items():
-            servers[name] = SGLangServer(ServerConfig(model_path=str(path), log_dir=str(logs)))
-            servers[name].launch()
-        for server in servers.values():
-            server.wait_ready(server.config.startup_timeout)
+    servers = {
+        name: SGLangServer(ServerConfig(model_path=str(p), log_dir=str(logs)))
+        for name, p in tiny_models.items()
+    }
+    with running(servers):
         yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 @pytest.fixture

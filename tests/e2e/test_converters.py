@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-import weakref
 from pathlib import Path
 
 import pytest
@@ -27,7 +25,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from megatron_sapo.utils.spawn import free_port
+from tests.e2e.helpers import LiveStorages, launcher
 from tests.hf_reference import load_checkpoint, qwen3_config, qwen3_moe_config, tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,15 +50,9 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def run(tool: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}",
-        ]
-    return subprocess.run([*launcher, tool, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [*launcher(nproc), tool, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -170,15 +162,11 @@ def test_to_hf_streams_one_tensor_at_a_time(
     never exceed one full megatron tensor and its HF tensors, although the shard holds the whole model."""
     from megatron_sapo.convert import to_hf
 
-    alive: dict[int, int] = {}
-    peak = [0]
+    live, peak = LiveStorages(), [0]
 
     def track(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if id(storage) not in alive:
-            alive[id(storage)] = storage.nbytes()
-            weakref.finalize(storage, alive.pop, id(storage))
-        peak[0] = max(peak[0], sum(alive.values()))
+        live.track(tensor)
+        peak[0] = max(peak[0], live.bytes)
         return tensor
 
     read, write = to_hf.DistCheckpointReader.read, to_hf.ShardWriter.write

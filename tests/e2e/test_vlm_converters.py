@@ -23,15 +23,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_sapo.utils.spawn import free_port, run_on_ranks
+from megatron_sapo.utils.spawn import run_on_ranks
 from megatron_sapo.utils.tiny_vlm import save_tiny_vlm, tiny_vlm_config
+from tests.e2e.helpers import LiveStorages, launcher
 from tests.hf_reference import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,18 +50,10 @@ MODELS = {
 def run(tool: str, *args: str, log: Path, nproc: int = 1) -> tuple[int, str]:
     """(exit code, stderr) of a converter CLI; its output goes to files under `log` (not pipes: torchrun's
     workers would hold them)."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc}",
-            f"--master-port={free_port()}",
-        ]
     log.mkdir(parents=True, exist_ok=True)
     with open(log / "stdout", "w") as out, open(log / "stderr", "w") as err:
         code = subprocess.run(
-            [*launcher, tool, *args], stdout=out, stderr=err, timeout=600, cwd=ROOT
+            [*launcher(nproc), tool, *args], stdout=out, stderr=err, timeout=600, cwd=ROOT
         ).returncode
     return code, (log / "stderr").read_text()
 
@@ -169,22 +160,16 @@ def test_fused_experts_written_one_expert_at_a_time(
     never add up to a layer's experts."""
     from megatron_sapo.convert import to_hf
 
-    alive: dict[int, int] = {}
+    live = LiveStorages()
     fused_writes: dict[str, list[int]] = {}
     peak = [0]
-
-    def track(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if id(storage) not in alive:
-            alive[id(storage)] = storage.nbytes()
-            weakref.finalize(storage, alive.pop, id(storage))
-        return tensor
+    track = live.track
 
     def write(self, name: str, tensor: torch.Tensor, *, start: int | None = None) -> None:
         if start is not None:
             assert tensor.shape[0] == 1, (name, tuple(tensor.shape))
             fused_writes.setdefault(name, []).append(start)
-            peak[0] = max(peak[0], sum(alive.values()) + tensor.nbytes)
+            peak[0] = max(peak[0], live.bytes + tensor.nbytes)
         original_write(self, name, track(tensor), start=start)
 
     read, original_write = to_hf.DistCheckpointReader.read, to_hf.ShardWriter.write

@@ -29,6 +29,7 @@ from megatron_sapo.rollout.server import ServerConfig, SGLangServer
 from megatron_sapo.rollout.sglang_updates import SGLangWeightUpdater
 from megatron_sapo.rollout.types import RolloutError
 from megatron_sapo.utils.tiny_vlm import VISION_TOKENS, save_tiny_vlm, tiny_vlm_config, train_vlm_tokenizer
+from tests.e2e.helpers import running
 
 IMAGE, TEXT = {"type": "image"}, lambda t: {"type": "text", "text": t}
 # (images as (width, height, pixel seed), content parts); sizes are multiples of 32 (patch 16 x merge 2)
@@ -75,15 +76,8 @@ def servers(vlms, tmp_path_factory: pytest.TempPathFactory):
         "moe": SGLangServer(ServerConfig(model_path=vlms["moe"]["old"], log_dir=str(logs))),
         "dense-cache": _ServerWithVlmCache(ServerConfig(model_path=vlms["dense"]["old"], log_dir=str(logs))),
     }
-    try:
-        for server in servers.values():
-            server.launch()  # all three load at once
-        for server in servers.values():
-            server.wait_ready(server.config.startup_timeout)
+    with running(servers):  # all three load at once
         yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 def _engine(servers, vlms, server: str) -> SGLangEngine:

@@ -26,8 +26,6 @@ import torch
 if torch.cuda.is_available():
     pytest.skip("CPU tests (the CPU compatibility layer refuses CUDA machines)", allow_module_level=True)
 
-import torch.distributed as dist
-from megatron.core import parallel_state
 from safetensors.torch import save_file
 from transformers import GPT2Config
 
@@ -46,8 +44,6 @@ from megatron_sapo.bridge.load import StateDictSource, open_source
 from megatron_sapo.bridge.mapping import FusedQKV, GatedMLP, ModelDims, VocabParallel
 from megatron_sapo.bridge.safetensors_io import DTYPES, ShardWriter
 from megatron_sapo.megatron.models import architecture_of, build_gpt_model
-from megatron_sapo.megatron.testing import init_megatron_cpu
-from megatron_sapo.utils.spawn import free_port
 from megatron_sapo.utils.tiny_vlm import official_expert_layout
 from tests.hf_reference import (
     checkpoint_state_dict,
@@ -202,23 +198,11 @@ def test_writer_matches_save_file_and_reader_reads_headers(tmp_path) -> None:
         save_safetensors_sharded([("c", torch.zeros(2, dtype=torch.complex64))], tmp_path / "complex")
 
 
-@pytest.fixture(scope="module")
-def _megatron_tp1():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    init_megatron_cpu(tp=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
-
-
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.usefixtures("_megatron_tp1")
+@pytest.mark.usefixtures("megatron_tp1")
 def test_export_to_shards_and_fused_experts_on_disk_load_back(tmp_path) -> None:
     hf_config = qwen3_moe_config(mlp_only_layers=[1])
     hf = tiny_hf_model(hf_config, seed=4)
@@ -253,7 +237,7 @@ def arch_dir(tmp_path: Path):
         vars(arch_package).pop(module.stem, None)
 
 
-@pytest.mark.usefixtures("_megatron_tp1")
+@pytest.mark.usefixtures("megatron_tp1")
 def test_a_new_architecture_is_one_file(arch_dir: Path, monkeypatch) -> None:
     # llama.py copied under another model_type, and nothing else: discovery makes it a model the megatron
     # side builds and the bridge loads, the same weights as the llama it copies
@@ -289,7 +273,7 @@ def test_a_model_type_defined_twice_is_an_error(arch_dir: Path) -> None:
         discover()
 
 
-@pytest.mark.usefixtures("_megatron_tp1")
+@pytest.mark.usefixtures("megatron_tp1")
 def test_load_errors_name_the_tensor_file_and_shapes(tmp_path) -> None:
     hf_config = qwen3_config(tie_word_embeddings=False)
     state = checkpoint_state_dict(tiny_hf_model(hf_config))

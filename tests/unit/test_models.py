@@ -20,8 +20,6 @@ import torch
 if torch.cuda.is_available():
     pytest.skip("CPU tests (the CPU compatibility layer refuses CUDA machines)", allow_module_level=True)
 
-import torch.distributed as dist
-from megatron.core import parallel_state
 from transformers import GPT2Config, MistralConfig
 
 from megatron_sapo.bridge import export_hf_weights, load_hf_weights
@@ -32,8 +30,6 @@ from megatron_sapo.megatron.models import (
     padded_vocab_size,
     transformer_config_from_hf,
 )
-from megatron_sapo.megatron.testing import init_megatron_cpu
-from megatron_sapo.utils.spawn import free_port
 from tests.hf_reference import (
     checkpoint_state_dict,
     llama_config,
@@ -70,17 +66,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _megatron_tp1():
-    """A 1-rank gloo group + megatron parallel state (TP=PP=EP=1), torn down after the module."""
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    init_megatron_cpu(tp=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("megatron_tp1")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_sapo.bridge import export_hf_weights, load_hf_weights
 from megatron_sapo.megatron.cpu import causal_attention_mask
 from megatron_sapo.megatron.models import build_gpt_model
 from megatron_sapo.megatron.mrope import InterleavedMRoPE, rope_index
-from megatron_sapo.megatron.testing import init_megatron_cpu
-from megatron_sapo.utils.spawn import free_port
 from megatron_sapo.utils.tiny_vlm import build_processor, tiny_vlm_config, train_vlm_tokenizer
 from tests.vlm_reference import hf_vlm, image_batch, mrope_positions
 from tests.vlm_reference import mrope_tokens as _tokens
@@ -25,16 +21,7 @@ from tests.vlm_reference import mrope_tokens as _tokens
 LOGIT_TOL = 1e-4  # fp32 on both sides; measured ~1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _megatron_tp1():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    init_megatron_cpu(tp=1)
-    yield
-    parallel_state.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("megatron_tp1")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
