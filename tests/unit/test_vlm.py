@@ -18,7 +18,7 @@ from megatron_sapo.utils.tiny_vlm import build_processor, tiny_vlm_config, train
 from tests.vlm_reference import hf_vlm, image_batch, mrope_positions
 from tests.vlm_reference import mrope_tokens as _tokens
 
-LOGIT_TOL = 1e-4  # fp32 on both sides; measured ~1e-6
+LOGIT_TOL = 1e-4  # fp32 on both sides; measured <= 3e-7 (dense and MoE, image+text and text only)
 
 
 pytestmark = pytest.mark.usefixtures("megatron_tp1")  # tests/conftest.py
