@@ -35,7 +35,10 @@ PER_EXPERT = re.compile(
 )
 # the fused tensor of each per-expert projection, and the projections concatenated (rows) into it
 _FUSED = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
-_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+"""Each fused tensor's per-expert projections, in the order they are concatenated."""
+FUSED_SUFFIXES = tuple(f".mlp.experts.{fused}" for fused in PARTS)
+"""Name endings of a layer's fused expert tensors."""
 
 TensorMeta = tuple[str, tuple[int, ...], torch.dtype]
 
@@ -126,7 +129,7 @@ def official_fused_experts(metas: Sequence[TensorMeta]) -> tuple[list[TensorMeta
         members[fused].setdefault(int(found["expert"]), {})[found["proj"]] = meta
     table: dict[str, FusedTensor] = {}
     for fused, experts in members.items():
-        projs = _PARTS[fused.rsplit(".", 1)[1]]
+        projs = PARTS[fused.rsplit(".", 1)[1]]
         if sorted(experts) != list(range(len(experts))) or any(
             set(e) != set(projs) for e in experts.values()
         ):

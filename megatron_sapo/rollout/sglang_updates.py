@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-from megatron_sapo.bridge.fused_experts import PER_EXPERT, FusedExpertAliases
+from megatron_sapo.bridge.fused_experts import FUSED_SUFFIXES, PARTS, PER_EXPERT, FusedExpertAliases
 from megatron_sapo.bridge.safetensors_io import DTYPES, SafetensorsReader
 from megatron_sapo.rollout.client import Endpoint, SGLangEngine
 from megatron_sapo.rollout.types import RolloutError
@@ -49,7 +49,6 @@ from megatron_sapo.rollout.types import RolloutError
 log = logging.getLogger(__name__)
 
 Bucket = Sequence[tuple[str, torch.Tensor]]
-FUSED_EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
 
 
 class WeightManifest:
@@ -71,10 +70,9 @@ class WeightManifest:
         # tensors unconditionally, so a file it serves is in the official orientation [E, H, 2I].
         aliases = FusedExpertAliases(reader, transposed=True)
         for name, (shape, dtype) in list(entries.items()):
-            if name.endswith(FUSED_EXPERTS) and len(shape) == 3:
+            if name.endswith(FUSED_SUFFIXES) and len(shape) == 3:
                 prefix, fused = name.rsplit(".", 1)
-                projs = ("gate_proj", "up_proj") if fused == "gate_up_proj" else ("down_proj",)
-                for e, proj in itertools.product(range(shape[0]), projs):
+                for e, proj in itertools.product(range(shape[0]), PARTS[fused]):
                     entries[f"{prefix}.{e}.{proj}.weight"] = (
                         aliases.shape(f"{prefix}.{e}.{proj}.weight"),
                         dtype,
@@ -88,7 +86,7 @@ class WeightManifest:
         """`check` from names, shapes and dtypes alone (a plan of buckets not exported yet)."""
         problems = []
         names = [name for name, _, _ in metas]
-        if any(n.endswith(FUSED_EXPERTS) for n in names) and any(PER_EXPERT.match(n) for n in names):
+        if any(n.endswith(FUSED_SUFFIXES) for n in names) and any(PER_EXPERT.match(n) for n in names):
             # SGLang's Qwen3-VL-MoE loader switches to its fused-name table at the first fused name of
             # a request and then drops every per-expert name after it ("not found", no error). Checked
             # per bucket or per plan of buckets: one form per sync is what an export produces anyway.
