@@ -53,7 +53,6 @@ class Qwen3VLModel(GPTModel):
         self.rotary_pos_emb = InterleavedMRoPE(
             self.config.kv_channels, float(rope["rope_theta"]), self.mrope_section
         )
-        self.image_token_id = hf_config.image_token_id
         # what `mrope.rope_index` needs to place a sample's tokens (the engine's collate reads it)
         self.mrope_tokens = (hf_config.image_token_id, hf_config.vision_config.spatial_merge_size)
         self.deepstack_layers = len(hf_config.vision_config.deepstack_visual_indexes)
@@ -106,7 +105,7 @@ class Qwen3VLModel(GPTModel):
         vision_dtype = next(self.vision.parameters()).dtype
         out = self.vision(pixel_values.to(vision_dtype), grid_thw=grid, return_dict=True)
         features = out.pooler_output.to(embeddings.dtype)
-        mask = (input_ids == self.image_token_id)[..., None]  # [B, T, 1]
+        mask = (input_ids == self.mrope_tokens[0])[..., None]  # image pads, [B, T, 1]
         if int(mask.sum()) != features.shape[0]:
             raise ValueError(
                 f"{int(mask.sum())} image tokens in the batch but the images give {features.shape[0]} "
