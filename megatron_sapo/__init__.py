@@ -11,7 +11,7 @@ The top level holds the CLI (`cli.py`) and packages only. Each package imports o
     megatron   everything touching megatron-core: CPU compat, parallel state, models, train step,
                checkpoints, routing replay                                             (losses, bridge, utils)
     convert    checkpoint converters behind tools/                                     (megatron, bridge, utils)
-    rollout    SGLang servers + client, in-process engine, weight sync                 (bridge, utils)
+    rollout    SGLang servers + client, in-process engine, weight sync         (data, bridge, utils)
     cluster    srun / torchrun launch, engine nodes                                    (rollout, megatron, utils)
     train      the RL run: loop, config root, set-up, eval, outputs                    (all of the above)
 

@@ -23,7 +23,7 @@ LAYERS: dict[str, set[str]] = {
     "bridge": {"utils"},
     "megatron": {"losses", "bridge", "utils"},
     "convert": {"megatron", "bridge", "utils"},
-    "rollout": {"bridge", "utils"},
+    "rollout": {"data", "bridge", "utils"},
     "cluster": {"rollout", "megatron", "utils"},
     "train": {"cluster", "rollout", "convert", "megatron", "bridge", "rewards", "data", "losses", "utils"},
 }
