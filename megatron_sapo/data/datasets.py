@@ -44,6 +44,10 @@ class PromptRecord:
     """File the record came from ("" for generated records), for error messages."""
     row: int = 0
     """1-based row in `source` (the line number for jsonl)."""
+    images: list[Any] = field(default_factory=list)
+    """The prompt's raw image values in order, as `images.load_image` takes them (PIL image, bytes, path)."""
+    base_dir: str = ""
+    """Folder relative image paths are read against (the dataset file's folder; "" for generated records)."""
 
     def where(self) -> str:
         """'file:row' (or 'record N') for error messages."""
