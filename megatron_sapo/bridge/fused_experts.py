@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -152,3 +152,31 @@ def official_fused_experts(metas: Sequence[TensorMeta]) -> tuple[list[TensorMeta
             tuple(tuple(experts[e][p][0] for p in projs) for e in range(len(experts))),
         )
     return [(m[0], table[m[0]].shape, m[2]) if m[0] in table else m for m in files], table
+
+
+def fuse_stream(
+    named: Iterable[tuple[str, torch.Tensor]], num_experts: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A per-expert tensor stream (an export's) with each layer's experts fused in the official orientation.
+
+    Every other tensor passes through in order; a fused tensor is yielded when its last expert part
+    arrives, so at most the layers in flight are held (an export sends one layer's experts together).
+    ValueError when the stream ends with a layer's experts incomplete.
+    """
+    pending: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    for name, tensor in named:
+        found = PER_EXPERT.match(name)
+        if found is None:
+            yield name, tensor
+            continue
+        fused = f"{found['prefix']}.{_FUSED[found['proj']]}"
+        parts = pending.setdefault(fused, {})
+        parts[(int(found["expert"]), found["proj"])] = tensor
+        projs = PARTS[fused.rsplit(".", 1)[1]]
+        if len(parts) == num_experts * len(projs):
+            del pending[fused]
+            blocks = [torch.cat([parts[(e, p)] for p in projs], dim=0).T for e in range(num_experts)]
+            yield fused, torch.stack(blocks).contiguous()
+    if pending:
+        name, parts = next(iter(pending.items()))
+        raise ValueError(f"{name}: the stream ended with {len(parts)} of its per-expert tensors")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from megatron_sapo.data.synthetic import ArithmeticTask
+from megatron_sapo.data.visual_task import VisualTask
 from megatron_sapo.utils.typed_config import check, check_min
 
 
@@ -16,6 +17,9 @@ from megatron_sapo.utils.typed_config import check, check_min
 class SyntheticDataConfig(ArithmeticTask):
     """The built-in arithmetic task (`data.ArithmeticTask`, usable as is) and how many problems to draw."""
 
+    task: Literal["arithmetic", "visual"] = "arithmetic"
+    """Which synthetic task: "arithmetic" (the knobs of this section) or "visual" (image prompts, the knobs
+    under `data.visual`; needs a vision-language policy, e.g. model.tiny.architecture qwen3_vl_moe)."""
     seed: int = 0
     """Seed of the drawn problems (train and eval use disjoint seeds derived from it)."""
     n_train: int = 512
@@ -51,6 +55,8 @@ class DataConfig:
     """System message prepended to every chat prompt; null = none."""
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     """The synthetic task's settings."""
+    visual: VisualTask = field(default_factory=VisualTask)
+    """The synthetic visual task's knobs (`data.synthetic.task` "visual"; seed and sizes from `synthetic`)."""
     max_prompt_tokens: int = 256
     """Longest rendered prompt in tokens; a longer one is an error naming its file and row."""
 

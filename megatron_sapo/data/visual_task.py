@@ -70,7 +70,7 @@ class VisualTask:
     """Kind 'color': shapes besides the target, each of another type and another colour than it."""
     max_count: int = 4
     """Kind 'count': the image holds 1..max_count shapes (at most 9, so the answer is one digit)."""
-    shape_size: tuple[int, int] = (12, 24)
+    shape_size: tuple[int, ...] = (12, 24)
     """Smallest and largest side of a shape's bounding box in pixels, drawn uniformly per shape."""
     noise: int = 0
     """Per-pixel, per-channel uniform noise amplitude on the background (0: plain; at most 20)."""
@@ -99,6 +99,8 @@ class VisualTask:
             )
         if not 0 <= self.noise <= MAX_NOISE:
             raise ValueError(f"noise must be in [0, {MAX_NOISE}], got {self.noise}")
+        if len(self.shape_size) != 2:
+            raise ValueError(f"shape_size must be (min, max), got {self.shape_size}")
         lo, hi = self.shape_size
         cell = self._cell(self._max_shapes())
         if not 3 <= lo <= hi <= cell - _GAP:

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 import requests
 
+from megatron_sapo.data.images import to_data_uri
+from megatron_sapo.data.vision import ImagePrompt
 from megatron_sapo.rollout.engine_key import ADMIN_KEY_ENV, API_KEY_ENV, EngineKey
 from megatron_sapo.rollout.server import SGLangServer
 from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams
@@ -191,10 +193,14 @@ class SGLangEngine:
 
     # ---- generation -----------------------------------------------------------------------------
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
-        """Token ids per prompt; strings through the tokenizer, id lists validated."""
+        """Token ids per prompt; strings through the tokenizer, id lists validated (an `ImagePrompt`'s: the
+        processor's expansion)."""
         out = []
         for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+            if isinstance(prompt, ImagePrompt):
+                ids = list(prompt.input_ids)
+            else:
+                ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
             if not ids:
                 raise RolloutError(f"prompt {i} is empty")
             bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size]
@@ -216,13 +222,14 @@ class SGLangEngine:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         ids = self.encode(prompts)
+        images = _image_payloads(prompts)
         items = [(p, s) for p in range(len(ids)) for s in range(n)]
         count = max(min(len(self.endpoints), len(items)), -(-len(items) // self.request_batch))
         size = -(-len(items) // count)
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
 
         def run(chunk: list[tuple[int, int]]) -> list[Generation]:
-            return self._generate_chunk(chunk, ids, sampling, return_routed_experts)
+            return self._generate_chunk(chunk, ids, sampling, return_routed_experts, images)
 
         workers = min(max(self.max_concurrency, len(self.endpoints)), len(chunks))
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -241,22 +248,40 @@ class SGLangEngine:
         ids: list[list[int]],
         sampling: SamplingParams,
         return_routed_experts: bool,
+        images: list[tuple[str, list[str]]] | None = None,
     ) -> list[Generation]:
+        """One /generate request for `chunk` ((prompt, sample) pairs). Image prompts (`images`: each
+        prompt's chat-template text and data URIs) go as text + image_data, SGLang expanding the vision
+        placeholders itself; its prompt length must equal our processor's expansion (`ids`), or the
+        trainer would score other tokens than the engine sampled from."""
         params = []
         for p, s in chunk:
             sp = sampling.to_sglang()
             if sampling.seed is not None:  # distinct samples of one prompt need distinct seeds
                 sp["sampling_seed"] = sampling.seed + p * 1_000_003 + s
             params.append(sp)
-        payload = {
-            "input_ids": [ids[p] for p, _ in chunk],
+        payload: dict[str, Any] = {
             "sampling_params": params,
             "return_logprob": True,
             "return_routed_experts": return_routed_experts,
         }
+        if images is None:
+            payload["input_ids"] = [ids[p] for p, _ in chunk]
+        else:
+            payload["text"] = [images[p][0] for p, _ in chunk]
+            payload["image_data"] = [images[p][1] for p, _ in chunk]
         outputs = self.request(self._pick(), "POST", "/generate", payload)
         if len(outputs) != len(chunk):
             raise RolloutError(f"SGLang returned {len(outputs)} outputs for {len(chunk)} inputs")
+        if images is not None:
+            for (p, _), out in zip(chunk, outputs, strict=True):
+                served = out["meta_info"].get("prompt_tokens")
+                if served != len(ids[p]):
+                    raise RolloutError(
+                        f"image prompt {p}: SGLang expanded it to {served} tokens, the policy's processor to "
+                        f"{len(ids[p])}: the server's processor sizes the images differently (check "
+                        "data.min_pixels / max_pixels against the served model's preprocessor_config.json)"
+                    )
         return [
             _generation(out, p, s, ids[p], return_routed_experts, self.top_k)
             for (p, s), out in zip(chunk, outputs, strict=True)
@@ -290,6 +315,17 @@ class SGLangEngine:
         for endpoint in self.endpoints:
             if endpoint.server is not None:
                 endpoint.server.stop()
+
+
+def _image_payloads(prompts: Sequence[Prompt]) -> list[tuple[str, list[str]]] | None:
+    """(chat-template text, PNG data URIs) per prompt when the prompts are `ImagePrompt`s, else None; one
+    request carries either kind, not both (SGLang takes text or token ids for a whole batch)."""
+    kinds = {isinstance(p, ImagePrompt) for p in prompts}
+    if kinds != {True}:
+        if True in kinds:
+            raise RolloutError("SGLangEngine.generate: image prompts and token/text prompts in one call")
+        return None
+    return [(p.text, [to_data_uri(image) for image in p.images]) for p in prompts]
 
 
 def _generation(

@@ -38,11 +38,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+)
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from megatron_sapo.bridge.safetensors_io import SafetensorsReader
+from megatron_sapo.data.vision import ImagePrompt
 from megatron_sapo.rollout.types import Generation, PolicyDiverged, Prompt, RolloutError, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -70,6 +78,7 @@ class _Sample:
     logprobs: list[float]
     finish_reason: str | None = None
     matched: str | int | None = None
+    image: ImagePrompt | None = None
 
 
 class TransformersEngine:
@@ -94,7 +103,9 @@ class TransformersEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if isinstance(model, (str, os.PathLike)):
             path = os.fspath(model)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            vision = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+            auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+            model = auto.from_pretrained(path, dtype=dtype)
             tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
         self.model = model.to(dtype).eval()
         self.tokenizer = tokenizer
@@ -103,6 +114,7 @@ class TransformersEngine:
         self._version = str(weight_version)
         self._slots: dict[str, _Slot] | None = None
         self._aliases: dict[str, str] = {}
+        self._expert_parts: dict[str, list[str]] = {}
 
     @property
     def weight_version(self) -> str:
@@ -140,8 +152,13 @@ class TransformersEngine:
             base = int(torch.randint(0, 2**62, (1,), generator=self._generator))
         else:
             base = sampling.seed
+        images = [p if isinstance(p, ImagePrompt) else None for p in prompts]
+        if any(images) and not hasattr(self.model.config, "vision_config"):
+            raise RolloutError(
+                f"TransformersEngine: image prompts for {type(self.model).__name__}, a text model"
+            )
         samples = [
-            _Sample(i, j, ids, torch.Generator().manual_seed(_mix(base, i, j)), [], [])
+            _Sample(i, j, ids, torch.Generator().manual_seed(_mix(base, i, j)), [], [], image=images[i])
             for i, ids in enumerate(prompt_ids)
             for j in range(n)
         ]
@@ -154,7 +171,9 @@ class TransformersEngine:
         return out
 
     def _tokenize(self, prompt: Prompt, index: int) -> list[int]:
-        if isinstance(prompt, str):
+        if isinstance(prompt, ImagePrompt):
+            ids = list(prompt.input_ids)
+        elif isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RolloutError(
                     f"TransformersEngine: prompt {index} is a string but there is no tokenizer"
@@ -187,6 +206,7 @@ class TransformersEngine:
             mask[row, length - len(s.prompt_ids) :] = 1
         # Positions count real tokens only, so a left-padded row sees the positions of an unpadded one.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        vision, deltas = self._vision_inputs(chunk, input_ids, mask)
         stop_ids = self._stop_ids(sampling)
         captured: list[torch.Tensor] = []
         hooks = [
@@ -197,14 +217,22 @@ class TransformersEngine:
         try:
             cache = DynamicCache(config=self.model.config)
             for step in range(sampling.max_new_tokens):
+                if deltas is not None:  # M-RoPE: [text positions; t, h, w] as transformers' generate
+                    rope = vision.pop("position_ids", None)
+                    rope = rope if rope is not None else (positions + deltas)[None].expand(3, -1, -1)
+                    step_positions = torch.cat([positions[None], rope])
+                else:
+                    step_positions = positions
                 logits = self.model(
                     input_ids=input_ids,
                     attention_mask=mask,
-                    position_ids=positions,
+                    position_ids=step_positions,
                     past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=1,
+                    **vision,
                 ).logits[:, -1]
+                vision = {}  # the images are in the cache after the prefill
                 if routers:
                     self._collect_routing(captured, routing, mask, step == 0, length)
                 logits = logits.float()
@@ -225,6 +253,34 @@ class TransformersEngine:
             for h in hooks:
                 h.remove()
         return routing if routers else [None] * len(chunk)
+
+    def _vision_inputs(
+        self, chunk: list[_Sample], input_ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[dict, torch.Tensor | None]:
+        """The prefill's image inputs and M-RoPE positions of a vision-language model ({} and None for a
+        text model): every row's pixels in row order, its grids, the image-token types, and per row the
+        offset `deltas` [B, 1] of the M-RoPE position from the text position (transformers' own
+        `get_rope_index`, which skips the left padding)."""
+        if not hasattr(self.model.config, "vision_config"):
+            return {}, None
+        rows = [s.image for s in chunk if s.image is not None and s.image.pixel_values is not None]
+        image_token = self.model.config.image_token_id
+        types = (input_ids == image_token).int()
+        grid = torch.cat([r.image_grid_thw for r in rows]).to(input_ids.device) if rows else None
+        rope, deltas = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask
+        )
+        rope = rope.masked_fill(mask[None] == 0, 1)  # pads: any position (masked out), as transformers
+        inputs: dict = {"position_ids": rope}
+        if rows:
+            inputs.update(
+                pixel_values=torch.cat([r.pixel_values for r in rows]).to(
+                    self.model.device, self.model.dtype
+                ),
+                image_grid_thw=grid,
+                mm_token_type_ids=types,
+            )
+        return inputs, deltas.reshape(-1, 1).to(input_ids.device)
 
     def _check_finite(self, logp: torch.Tensor, chunk: list[_Sample]) -> None:
         """PolicyDiverged when a row of next-token log-probs [B, V] is NaN somewhere: a NaN or +inf logit,
@@ -328,6 +384,15 @@ class TransformersEngine:
             ) from None
         with reader:
             tensors = [(name, reader.read(name, ())) for name in reader.names()]
+        slots = self._checkpoint_slots()
+        for i, (name, tensor) in enumerate(tensors):
+            slot = slots.get(name)
+            # official Qwen3-VL-MoE files hold the fused experts with dims 1 and 2 swapped against what
+            # transformers saves ([E, H, 2I] / [E, I, H]; bridge/fused_experts.py)
+            if name in self._expert_parts and slot is not None and tensor.dim() == 3:
+                swapped = (tensor.shape[0], tensor.shape[2], tensor.shape[1])
+                if tuple(tensor.shape) != slot.shape and swapped == slot.shape:
+                    tensors[i] = (name, tensor.transpose(1, 2))
         self._load(tensors, version=version, complete=True)
 
     def _load(self, tensors: list[tuple[str, torch.Tensor]], *, version: str, complete: bool) -> None:
@@ -360,7 +425,11 @@ class TransformersEngine:
                     f"TransformersEngine: {alias!r} is tied to {canonical!r}; send {canonical!r} only "
                     "(or both, identical)"
                 )
-        if complete and (missing := sorted(slots.keys() - by_name.keys())):
+        given = by_name.keys() | {
+            fused for fused, parts in self._expert_parts.items() if all(p in by_name for p in parts)
+        }
+        primary = slots.keys() - {p for parts in self._expert_parts.values() for p in parts}
+        if complete and (missing := sorted(primary - given)):
             raise RolloutError(
                 f"TransformersEngine: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}"
             )
@@ -417,8 +486,42 @@ class TransformersEngine:
                     f"TransformersEngine: checkpoint tensor {ck_name!r} is not a view of {target!r}"
                 )
             slots[ck_name] = _Slot(target, tuple(index.shape), stride, first)
+        self._expert_parts = self._per_expert_slots(slots)
         self._slots = slots
         return slots
+
+    def _per_expert_slots(self, slots: dict[str, _Slot]) -> dict[str, list[str]]:
+        """Add per-expert slots (`...experts.{e}.gate_proj.weight` [I, H], up, down [H, I]: the names the
+        bridge exports and SGLang takes) as views into fused expert tensors (transformers' in-memory
+        `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`, or the official Qwen3-VL-MoE checkpoint
+        orientation `[E, H, 2I]` / `[E, I, H]`); returns each fused name's per-expert names."""
+        text = self.model.config.get_text_config()
+        inter = getattr(text, "moe_intermediate_size", None)
+        parts: dict[str, list[str]] = {}
+        for name, slot in list(slots.items()):
+            kind = next((k for k in ("gate_up_proj", "down_proj") if name.endswith(f".experts.{k}")), None)
+            if kind is None or inter is None:
+                continue
+            prefix = name.removesuffix(f".{kind}")
+            n_experts, a, b = slot.shape
+            s0, s1, s2 = slot.stride
+            # rows-first (in memory): gate_up [E, 2I, H], down [E, H, I]; else dims 1 and 2 swapped
+            rows = a == 2 * inter if kind == "gate_up_proj" else b == inter
+            if kind == "gate_up_proj" and 2 * inter == (b if rows else a) == (a if rows else b):
+                raise RolloutError(f"TransformersEngine: cannot tell the orientation of {name} {slot.shape}")
+            # the per-expert matrix: rows along dim 1 (in memory) or dim 2 (transposed)
+            stride, (height, width) = ((s1, s2), (a, b)) if rows else ((s2, s1), (b, a))
+            row_step = stride[0]
+            projections = ("gate_proj", "up_proj") if kind == "gate_up_proj" else ("down_proj",)
+            height //= len(projections)
+            parts[name] = []
+            for e in range(n_experts):
+                for j, proj in enumerate(projections):
+                    expert = f"{prefix}.{e}.{proj}.weight"
+                    offset = slot.offset + e * s0 + j * height * row_step
+                    slots[expert] = _Slot(slot.target, (height, width), stride, offset)
+                    parts[name].append(expert)
+        return parts
 
 
 def _router_indices(output) -> torch.Tensor:

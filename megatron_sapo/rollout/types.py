@@ -14,7 +14,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-Prompt = str | Sequence[int]
+from megatron_sapo.data.vision import ImagePrompt
+
+Prompt = str | Sequence[int] | ImagePrompt
+"""Text (tokenized by the engine), token ids, or a rendered vision-language prompt (`data/vision.py`)."""
 
 
 class RolloutError(RuntimeError):

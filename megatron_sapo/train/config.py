@@ -32,8 +32,10 @@ __all__ = ["ModelConfig", "RunSettings", "SFTConfig", "TinyModelConfig", "TrainJ
 class TinyModelConfig:
     """Sizes of the embedded tiny random model (used when `model.path` is null)."""
 
-    architecture: Literal["qwen3_moe", "qwen3"] = "qwen3_moe"
-    """Hugging Face architecture family: "qwen3_moe" (Mixture-of-Experts) or "qwen3" (dense)."""
+    architecture: Literal["qwen3_moe", "qwen3", "qwen3_vl_moe", "qwen3_vl"] = "qwen3_moe"
+    """Hugging Face architecture family: "qwen3_moe" (Mixture-of-Experts) or "qwen3" (dense); the
+    vision-language "qwen3_vl_moe" / "qwen3_vl" (Qwen3-VL with a tiny vision tower: needs layers >= 3 and
+    head_dim 16, for the synthetic visual task, `data.synthetic.task` "visual")."""
     hidden: int = 64
     """Hidden size."""
     layers: int = 2
@@ -54,6 +56,15 @@ class TinyModelConfig:
     """Intermediate size of one expert (qwen3_moe)."""
     vocab: int = 512
     """Vocabulary of the locally trained BPE tokenizer, and of the model."""
+    vision_hidden: int = 32
+    """Vision tower hidden size (qwen3_vl / qwen3_vl_moe)."""
+    vision_depth: int = 3
+    """Vision tower blocks (qwen3_vl / qwen3_vl_moe; >= 3, its deepstack taps the last three)."""
+
+    @property
+    def vision(self) -> bool:
+        """A vision-language architecture."""
+        return self.architecture.startswith("qwen3_vl")
 
     def __post_init__(self) -> None:
         check_min(self, "hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "experts", "top_k")
@@ -62,6 +73,15 @@ class TinyModelConfig:
             self.heads % self.kv_heads == 0, "kv_heads", f"{self.kv_heads} does not divide heads={self.heads}"
         )
         check(self.top_k <= self.experts, "top_k", f"{self.top_k} is more than experts={self.experts}")
+        check_min(self, "vision_hidden", "vision_depth")
+        if self.vision:
+            check(self.layers >= 3, "layers", f"a tiny Qwen3-VL needs >= 3 (deepstack), got {self.layers}")
+            check(self.vision_depth >= 3, "vision_depth", f"needs >= 3 (deepstack), got {self.vision_depth}")
+            check(
+                self.head_dim == 16,
+                "head_dim",
+                f"a tiny Qwen3-VL needs 16 (M-RoPE [4, 2, 2]), got {self.head_dim}",
+            )
 
 
 @dataclass
@@ -202,7 +222,16 @@ class TrainJobConfig:
                 "'tensor' needs engines on the trainer's node; cluster.placement 'disaggregated' needs "
                 "'distributed' or 'disk'",
             )
-        if self.model.path is None and self.model.tiny.architecture == "qwen3":
+        if self.model.path is None and self.model.tiny.architecture in ("qwen3", "qwen3_vl"):
             check(
-                self.parallel.ep == 1, "parallel.ep", "needs a MoE model (model.tiny.architecture is 'qwen3')"
+                self.parallel.ep == 1,
+                "parallel.ep",
+                f"needs a MoE model (model.tiny.architecture is {self.model.tiny.architecture!r})",
+            )
+        if self.model.path is None:
+            visual = self.data.synthetic.task == "visual" and self.data.train_path is None
+            check(
+                not visual or self.model.tiny.vision,
+                "model.tiny.architecture",
+                "data.synthetic.task 'visual' needs a vision-language policy: qwen3_vl_moe or qwen3_vl",
             )

@@ -89,8 +89,12 @@ def evaluate(
     """Rank 0 (others return {}): greedy accuracy on the eval set (reward > 0.5 counts as correct)."""
     if dist.get_rank() != 0 or not data.eval:
         return {}
-    params = SamplingParams(max_new_tokens=cfg.rollout.sampling.max_new_tokens, temperature=0.0)
-    gens = engine.generate(data.eval_ids, params, n=cfg.run.eval_samples)
+    params = SamplingParams(
+        max_new_tokens=cfg.rollout.sampling.max_new_tokens,
+        temperature=0.0,
+        stop_token_ids=cfg.rollout.sampling.stop_token_ids + data.stop_token_ids,
+    )
+    gens = engine.generate(data.eval_prompts(), params, n=cfg.run.eval_samples)
     texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
     scores, _ = rewards.score(texts, [data.eval[g.prompt_index] for g in gens])
     return {"eval/accuracy": sum(s > 0.5 for s in scores) / len(scores)}

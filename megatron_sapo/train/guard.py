@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_sapo.data import ImagePrompt
 from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.rollout.types import Prompt, RolloutEngine, RolloutError, SamplingParams
 
@@ -48,11 +49,14 @@ def check_weight_sync(
     threshold: float = 0.05,
     max_new_tokens: int = 16,
     seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
 ) -> dict[str, float]:
     """Mean and max |engine logp − trainer logp| over the generated tokens; raise above `threshold` (mean).
 
     `engine` is only used on global rank 0 (pass None elsewhere); `policy` has `compute_logprobs(samples)`
-    and `temperature` (a `PolicyEngine`).
+    and `temperature` (a `PolicyEngine`). Every rank passes the same `prompts`: image prompts
+    (`ImagePrompt`) are scored with their pixels, which each rank takes from its own list (only the
+    sampled tokens are broadcast). `stop_token_ids`: extra tokens that end a probe (a VLM's vision tokens).
     """
     temperature = policy.temperature
     driver = not dist.is_initialized() or dist.get_rank() == 0
@@ -61,11 +65,20 @@ def check_weight_sync(
         try:
             gens = engine.generate(
                 prompts,
-                SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed),
+                SamplingParams(
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    seed=seed,
+                    stop_token_ids=list(stop_token_ids),
+                ),
                 n=1,
             )
             payload = [
-                [(g.prompt_ids, g.token_ids, g.logprobs, g.weight_version) for g in gens if g.token_ids]
+                [
+                    (g.prompt_ids, g.token_ids, g.logprobs, g.weight_version, g.prompt_index)
+                    for g in gens
+                    if g.token_ids
+                ]
             ]
         except RolloutError as exc:  # e.g. EngineRestarted: raised on every rank, none left in the broadcast
             payload = [exc]
@@ -76,12 +89,13 @@ def check_weight_sync(
     probes = payload[0]
     if not probes:
         raise WeightSyncMismatch("weight-sync check: the engine generated no tokens for the probe prompts")
-    stale = _stale([v for *_, v in probes], version)
+    stale = _stale([v for _, _, _, v, _ in probes], version)
     samples = [
-        Sample(tokens=torch.tensor(p + r), response_start=len(p), advantage=0.0) for p, r, _, _ in probes
+        Sample(tokens=torch.tensor(p + r), response_start=len(p), advantage=0.0, **_pixels(prompts[i]))
+        for p, r, _, _, i in probes
     ]
     trainer = policy.compute_logprobs(samples)
-    diffs = _token_gaps(trainer, [e for _, _, e, _ in probes])
+    diffs = _token_gaps(trainer, [e for _, _, e, _, _ in probes])
     metrics = {"sync/logprob_diff_mean": diffs.mean().item(), "sync/logprob_diff_max": diffs.max().item()}
     if stale:
         raise WeightSyncMismatch(
@@ -97,6 +111,13 @@ def check_weight_sync(
             "bucket, or a layout/mapping bug in the bridge."
         )
     return metrics
+
+
+def _pixels(prompt: Prompt) -> dict[str, Any]:
+    """An image prompt's pixels and grids as `Sample` fields ({} for a text prompt or one without images)."""
+    if not isinstance(prompt, ImagePrompt) or prompt.pixel_values is None:
+        return {}
+    return {"pixel_values": prompt.pixel_values, "image_grid_thw": prompt.image_grid_thw}
 
 
 def check_rollout(

@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from megatron_sapo.cluster.engine_nodes import node_engines, serve_engine_node, stop_engines_at_exit
 from megatron_sapo.cluster.launch import Launch
+from megatron_sapo.data import ImagePrompt
 from megatron_sapo.losses import group_advantages
 from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -88,7 +89,7 @@ def _train(cfg: TrainJobConfig, launch: Launch) -> int:
 def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, node_servers: list) -> int:
     driver = dist.get_rank() == 0
     tokenizer, hf_config = setup.load_tokenizer_and_config(hf_dir)
-    data = load_data(cfg, tokenizer)
+    data = load_data(cfg, tokenizer, setup.load_processor(hf_dir, hf_config))
     policy = PolicyEngine(
         partial(build_gpt_model, hf_config, config=setup.model_config(cfg, hf_config)),
         cfg.optim,
@@ -180,7 +181,7 @@ def _cold_start(
     for step, batch in enumerate(data.sft_batches(cfg.sft.batch_size, cfg.sft.steps, seed=cfg.run.seed)):
         for group in policy.optimizer.param_groups:
             group["lr"] = cfg.sft.lr
-        samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=1.0) for t, r in batch]
+        samples = [_sample(t, r, 1.0, image) for t, r, image in batch]
         # every rank loads the data; rank 0's batch is split so that each DP rank trains on its share
         metrics = policy.train_step(policy.scatter(samples if dist.get_rank() == 0 else None))
         if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
@@ -246,12 +247,12 @@ def _rl_step(
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
         engine.release_memory()
     t_rollout = time.perf_counter() - t0
-    samples = [Sample(tokens=torch.tensor(t), response_start=r, advantage=a) for t, r, a, _, _ in rows]
+    samples = [_sample(t, r, a, image) for t, r, a, _, _, image in rows]
     guarded = bool(cfg.rollout.guard_prompts)  # 0: the metrics, never a verdict
     check = partial(
         check_rollout,
-        engine=[e for *_, e, _ in rows],
-        versions=[v for *_, v in rows],
+        engine=[e for _, _, _, e, _, _ in rows],
+        versions=[v for _, _, _, _, v, _ in rows],
         version=str(step) if guarded else None,
         threshold=cfg.rollout.guard_threshold if guarded else math.inf,
     )
@@ -278,6 +279,7 @@ def _rl_step(
             version=str(step + 1),
             threshold=cfg.rollout.guard_threshold,
             seed=cfg.run.seed + step,
+            stop_token_ids=data.stop_token_ids,
         )
         checked, guard_restarts = _with_resync(guard, sync, str(step + 1), "weight-sync check")
         metrics.update(checked)
@@ -408,8 +410,9 @@ def _rollout(
     r = cfg.rollout
     # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)
     base = r.sampling.seed if r.sampling.seed is not None else cfg.run.seed * 1_000_003
-    sampling = replace(r.sampling, seed=base + step)
-    kept: list[tuple[list[int], int, float, list[float], str | None]] = []
+    stops = r.sampling.stop_token_ids + [t for t in data.stop_token_ids if t not in r.sampling.stop_token_ids]
+    sampling = replace(r.sampling, seed=base + step, stop_token_ids=stops)
+    kept: list[tuple[list[int], int, float, list[float], str | None, Any]] = []
     t_generate = t_reward = 0.0
     all_rewards: list[float] = []
     reward_stats: dict[str, float] = {}
@@ -442,8 +445,17 @@ def _rollout(
                 g = gens[i]
                 if not g.token_ids:
                     continue
+                image = prompt_ids[g.prompt_index]
+                image = image if isinstance(image, ImagePrompt) else None
                 kept.append(
-                    (g.prompt_ids + g.token_ids, len(g.prompt_ids), adv[i], g.logprobs, g.weight_version)
+                    (
+                        g.prompt_ids + g.token_ids,
+                        len(g.prompt_ids),
+                        adv[i],
+                        g.logprobs,
+                        g.weight_version,
+                        image,
+                    )
                 )
                 lengths.append(len(g.token_ids))
                 stops.append(g.finish_reason == "stop")
@@ -462,6 +474,16 @@ def _rollout(
         "time/generate_s": t_generate,
         "time/reward_s": t_reward,
     }
+
+
+def _sample(tokens: list[int], response_start: int, advantage: float, image: ImagePrompt | None) -> Sample:
+    """A training sample; with its prompt's pixels when it has images (the ones the engine saw)."""
+    pixels = (
+        {}
+        if image is None or image.pixel_values is None
+        else {"pixel_values": image.pixel_values, "image_grid_thw": image.image_grid_thw}
+    )
+    return Sample(tokens=torch.tensor(tokens), response_start=response_start, advantage=advantage, **pixels)
 
 
 def _sampling(params: SamplingParams, round_: int) -> SamplingParams:

@@ -112,6 +112,8 @@ def export_final_hf(cfg: TrainJobConfig, policy: Any, hf_config: Any, hf_dir: Pa
 
     Disk full: `CheckpointError` on every rank (one line naming the path), no partial hf/ or hf.tmp/."""
     from megatron_sapo.bridge import export_hf_weights
+    from megatron_sapo.bridge.arch import architecture_of
+    from megatron_sapo.bridge.fused_experts import fuse_stream
     from megatron_sapo.bridge.snapshot import write_hf_snapshot
     from megatron_sapo.megatron.checkpoint import CheckpointError
     from megatron_sapo.utils.disk import DiskFullError
@@ -119,8 +121,11 @@ def export_final_hf(cfg: TrainJobConfig, policy: Any, hf_config: Any, hf_dir: Pa
     buckets = export_hf_weights(policy.model, hf_config)
     failure: list[str | None] = [None]
     if dist.get_rank() == 0:
+        named = chain.from_iterable(buckets)
+        if architecture_of(hf_config).disk_experts_transposed:  # Qwen3-VL-MoE: official fused experts
+            named = fuse_stream(named, hf_config.get_text_config().num_experts)
         try:
-            target = write_hf_snapshot(chain.from_iterable(buckets), out / "hf", assets_from=hf_dir)
+            target = write_hf_snapshot(named, out / "hf", assets_from=hf_dir)
             log.info("final Hugging Face checkpoint: %s", target)
         except DiskFullError as e:
             failure = [f"final Hugging Face checkpoint not written: {e}"]

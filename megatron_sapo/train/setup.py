@@ -92,7 +92,10 @@ def prepare_model(cfg: TrainJobConfig, out: Path) -> Path:
     target = model_dir(cfg)
     if cfg.model.path is not None:
         return target
-    if dist.get_rank() == 0 and not (target / "config.json").exists():
+    if dist.get_rank() == 0 and not (target / "config.json").exists() and cfg.model.tiny.vision:
+        _save_tiny_vlm(cfg, target.with_name("hf_init.tmp"))
+        target.with_name("hf_init.tmp").rename(target)
+    elif dist.get_rank() == 0 and not (target / "config.json").exists():
         from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 
         t = cfg.model.tiny
@@ -110,6 +113,41 @@ def prepare_model(cfg: TrainJobConfig, out: Path) -> Path:
         target.with_name("hf_init.tmp").rename(target)
     dist.barrier()
     return target
+
+
+def _save_tiny_vlm(cfg: TrainJobConfig, out: Path) -> None:
+    """The tiny Qwen3-VL(-MoE) with a BPE trained on the visual task's prompts and answers (each answer
+    word becomes one token), the vision tokens and the processor (`utils/tiny_vlm.py`)."""
+    from megatron_sapo.data.visual_task import VisualTask
+    from megatron_sapo.utils.tiny_vlm import save_tiny_vlm, tiny_vlm_config, train_vlm_tokenizer
+
+    t = cfg.model.tiny
+    task = VisualTask(**{k: getattr(cfg.data.visual, k) for k in VisualTask.__dataclass_fields__})
+    records = task.records(200, seed=12345)
+    corpus = [
+        f"<|im_start|>user\n{r.prompt.replace('<image>', '')}<|im_end|>\n<|im_start|>assistant\n"
+        for r in records
+    ]
+    corpus += [a for a in task.answers() for _ in range(50)]
+    tokenizer = train_vlm_tokenizer(corpus, vocab_size=t.vocab)
+    config = tiny_vlm_config(
+        moe=t.architecture == "qwen3_vl_moe",
+        vocab_size=max(len(tokenizer), t.vocab),
+        hidden_size=t.hidden,
+        num_layers=t.layers,
+        vision_depth=t.vision_depth,
+        vision_hidden=t.vision_hidden,
+        num_experts=t.experts,
+        num_heads=t.heads,
+        num_kv_heads=t.kv_heads,
+        intermediate_size=t.ffn,
+        top_k=t.top_k,
+        moe_intermediate_size=t.moe_ffn,
+    )
+    side = task.image_size
+    save_tiny_vlm(
+        out, config, tokenizer, seed=cfg.run.seed, min_pixels=32 * 32, max_pixels=max(side * side, 128 * 128)
+    )
 
 
 def _tiny_config(cfg: TrainJobConfig, vocab: int) -> Any:
@@ -142,3 +180,12 @@ def load_tokenizer_and_config(hf_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoConfig, AutoTokenizer
 
     return AutoTokenizer.from_pretrained(hf_dir), AutoConfig.from_pretrained(hf_dir)
+
+
+def load_processor(hf_dir: Path, hf_config: Any) -> Any:
+    """A vision-language policy's processor (`AutoProcessor`, the model's own), or None for a text model."""
+    if getattr(hf_config, "vision_config", None) is None:
+        return None
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(hf_dir)

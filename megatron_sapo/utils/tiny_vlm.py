@@ -63,8 +63,14 @@ def tiny_vlm_config(
     vision_hidden: int = 32,
     num_experts: int = 4,
     tie_word_embeddings: bool = False,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    top_k: int = 2,
+    moe_intermediate_size: int | None = None,
 ) -> Any:
-    """A tiny `Qwen3VLConfig` (or `Qwen3VLMoeConfig` when `moe`); token ids are set by `save_tiny_vlm`."""
+    """A tiny `Qwen3VLConfig` (or `Qwen3VLMoeConfig` when `moe`); token ids are set by `save_tiny_vlm`.
+    `intermediate_size` defaults to 2·hidden, `moe_intermediate_size` to 3/4·hidden; head_dim is 16."""
     from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
 
     if num_layers < 3 or vision_depth < 3:
@@ -72,10 +78,10 @@ def tiny_vlm_config(
     text: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         head_dim=16,
         max_position_embeddings=2048,
         rms_norm_eps=1e-6,
@@ -90,7 +96,9 @@ def tiny_vlm_config(
     if moe:
         # moe_intermediate != hidden / 2, so the fused [E, H, 2I] and [E, 2I, H] orientations differ in shape
         text.update(
-            num_experts=num_experts, num_experts_per_tok=2, moe_intermediate_size=3 * hidden_size // 4
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=moe_intermediate_size or 3 * hidden_size // 4,
         )
         text.update(decoder_sparse_step=1, norm_topk_prob=True)
     vision = dict(
