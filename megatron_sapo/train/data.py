@@ -79,6 +79,8 @@ def load_data(cfg: TrainJobConfig, tokenizer: Any) -> RunData:
             prompt_field=d.prompt_field,
             answer_field=d.answer_field,
             answer_extract=d.answer_extract,
+            image_fields=d.image_fields,
+            image_placeholder=d.image_placeholder,
         )
         train = load_records(d.train_path, **kw)
         evals = load_records(d.eval_path, **kw) if d.eval_path else []
