@@ -1,14 +1,15 @@
 """The `data:` section of a run config: training / evaluation prompts, their fields, the synthetic task.
 
-Tests: tests/unit/test_config.py, tests/unit/test_data.py.
+Tests: tests/unit/test_config.py, tests/unit/test_data.py, tests/unit/test_data_images.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from megatron_sapo.data.synthetic import ArithmeticTask
+from megatron_sapo.data.vision import ImageRenderer
 from megatron_sapo.data.visual_task import VisualTask
 from megatron_sapo.utils.typed_config import check, check_min
 
@@ -58,10 +59,40 @@ class DataConfig:
     visual: VisualTask = field(default_factory=VisualTask)
     """The synthetic visual task's knobs (`data.synthetic.task` "visual"; seed and sizes from `synthetic`)."""
     max_prompt_tokens: int = 256
-    """Longest rendered prompt in tokens; a longer one is an error naming its file and row."""
+    """Longest rendered prompt in tokens (images expanded); a longer one is an error naming its file and row."""
+    image_fields: list[str] = field(default_factory=list)
+    """Record fields holding the prompt's images, each one image or a list (path relative to the file,
+    bytes, base64, data URI, or an HF Image {bytes, path}), taken in field order; [] = text only."""
+    image_placeholder: str = "<image>"
+    """Prompt text marking where one image goes; a prompt without any gets all its images in front of its
+    last user message, and a count other than the images' is an error naming the file and row."""
+    min_pixels: int | None = None
+    """Smallest image area (pixels) an image is scaled up to before the processor; null = the processor's
+    own, and a value outside the processor's [min, max] is an error."""
+    max_pixels: int | None = None
+    """Largest image area (pixels) an image is scaled down to before the processor; null = the processor's
+    own, and a value outside the processor's [min, max] is an error."""
+
+    def image_renderer(self, processor: Any) -> ImageRenderer:
+        """The renderer of this section's image prompts with `processor` (the policy's Qwen-VL processor)."""
+        return ImageRenderer(processor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
     def __post_init__(self) -> None:
         check_min(self, "max_prompt_tokens")
+        check_min(self, "min_pixels", "max_pixels")
+        if self.min_pixels is not None and self.max_pixels is not None:
+            check(
+                self.min_pixels <= self.max_pixels, "min_pixels", f"must be <= max_pixels ({self.max_pixels})"
+            )
+        check(bool(self.image_placeholder), "image_placeholder", "must be a non-empty string")
+        check(all(self.image_fields), "image_fields", "field names must be non-empty")
+        if self.image_fields:
+            check(
+                self.train_path is not None,
+                "image_fields",
+                "needs a data.train_path (the synthetic task has none)",
+            )
+            check(self.apply_chat_template, "apply_chat_template", "image prompts need the chat template")
         if self.format == "synthetic":
             check(self.train_path is None, "train_path", "must be null for data.format 'synthetic'")
         elif self.format != "auto":

@@ -5,17 +5,23 @@
     records = load_records("gsm8k.jsonl", prompt_field="question", answer_field="answer",
                            answer_extract="gsm8k")
     ids = render_prompt(records[0], tokenizer, max_prompt_tokens=1024)
+    records = load_records("geometry3k.parquet", prompt_field="problem", image_fields=["images"])
 
 A field name is a dotted path into nested dicts. The prompt field may hold a string (the user message)
 or a chat-messages list `[{"role": ..., "content": ...}, ...]` (the DAPO-Math-17k layout), which is
 kept and rendered as is. Every problem in a file is a `DataError` whose one-line message names the
 file and the 1-based row (the line number for jsonl).
+
+Image fields (each one image or a list; paths, bytes, base64, data URIs, HF datasets' Image structs)
+are checked here without decoding — accepted types, existing files, one image per placeholder — and
+kept raw on the record, so a large image set does not sit decoded on every rank; `data/vision.py`
+decodes and renders them. Tests: tests/unit/test_data.py, tests/unit/test_data_images.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,9 +51,13 @@ class PromptRecord:
     row: int = 0
     """1-based row in `source` (the line number for jsonl)."""
     images: list[Any] = field(default_factory=list)
-    """The prompt's raw image values in order, as `images.load_image` takes them (PIL image, bytes, path)."""
+    """The prompt's images as the file holds them (path, bytes, base64 / data URI, {"bytes", "path"}),
+    in field order, not decoded; `data.vision.ImageRenderer` decodes them."""
     base_dir: str = ""
-    """Folder relative image paths are read against (the dataset file's folder; "" for generated records)."""
+    """Folder of `source`, against which relative image paths resolve."""
+    image_placeholder: str = "<image>"
+    """Text marking each image's place in the prompt; with none in the prompt the images go in front of
+    the last user message."""
 
     def where(self) -> str:
         """'file:row' (or 'record N') for error messages."""
@@ -61,13 +71,19 @@ def load_records(
     prompt_field: str = "prompt",
     answer_field: str = "answer",
     answer_extract: Literal["none", "gsm8k"] = "none",
+    image_fields: Sequence[str] = (),
+    image_placeholder: str = "<image>",
 ) -> list[PromptRecord]:
     """Read every row of a jsonl or parquet file into `PromptRecord`s.
 
     `format="auto"` picks by suffix (.jsonl / .ndjson / .parquet). `answer_extract="gsm8k"` keeps the
     text after the last '####' of the answer, without thousands separators ("#### 1,200" → "1200").
+    `image_fields` name the fields holding the prompt's images (one image or a list each, taken in
+    field order); with them, each `image_placeholder` in the prompt's user text marks one image, and a
+    prompt without any takes its images in front of its last user message.
     Raises `DataError` (file + row) on unreadable rows, missing fields, an empty prompt, an answer that
-    is neither a string nor a number, and on a file without rows.
+    is neither a string nor a number, an image value of another type or naming a missing file, a
+    placeholder count other than the image count, and on a file without rows.
     """
     path = Path(path)
     if answer_extract not in ANSWER_EXTRACTS:
@@ -78,7 +94,17 @@ def load_records(
     rows = {"jsonl": _jsonl_rows, "parquet": _parquet_rows}.get(fmt)
     if rows is None:
         raise ValueError(f"format must be 'auto', 'jsonl' or 'parquet', got {format!r}")
-    records = [_to_record(row, path, n, prompt_field, answer_field, answer_extract) for n, row in rows(path)]
+    if image_fields and not image_placeholder:
+        raise ValueError("image_placeholder must be a non-empty string")
+    layout = _Layout(
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        answer_extract=answer_extract,
+        image_fields=tuple(image_fields),
+        image_placeholder=image_placeholder,
+        base_dir=path.parent.absolute(),
+    )
+    records = [_to_record(row, path, n, layout) for n, row in rows(path)]
     if not records:
         raise DataError(f"{path}: the file has no rows")
     return records
@@ -98,8 +124,14 @@ def render_prompt(
     message) through `tokenizer.apply_chat_template(..., add_generation_prompt=True)`, with
     `system_prompt` as a leading system message unless the messages already open with one. Otherwise
     plain `tokenizer(text)`, where text is `system_prompt + "\\n\\n" + prompt` (or just the prompt).
-    Raises `DataError` naming the record's file and row when the result exceeds `max_prompt_tokens`.
+    Raises `DataError` naming the record's file and row when the result exceeds `max_prompt_tokens`, and
+    for a record with images (a tokenizer would drop them: `data.vision.ImageRenderer` renders those).
     """
+    if record.images:
+        raise DataError(
+            f"{record.where()}: the prompt has {len(record.images)} images; render it with "
+            "data.vision.ImageRenderer (a text tokenizer drops images)"
+        )
     if apply_chat_template and getattr(tokenizer, "chat_template", None):
         messages = list(record.messages) if record.messages else [{"role": "user", "content": record.prompt}]
         if system_prompt is not None and messages[0].get("role") != "system":
@@ -166,23 +198,82 @@ def _get_field(row: Mapping[str, Any], dotted: str) -> Any:
     return value
 
 
-def _to_record(
-    row: Any, path: Path, n: int, prompt_field: str, answer_field: str, answer_extract: str
-) -> PromptRecord:
+@dataclass(frozen=True)
+class _Layout:
+    """Where a file's rows keep their parts (`load_records`' arguments)."""
+
+    prompt_field: str
+    answer_field: str
+    answer_extract: str
+    image_fields: tuple[str, ...]
+    image_placeholder: str
+    base_dir: Path
+
+
+def _to_record(row: Any, path: Path, n: int, layout: _Layout) -> PromptRecord:
     where = f"{path}:{n}"
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     values = {}
-    for name in (prompt_field, answer_field):
+    for name in (layout.prompt_field, layout.answer_field, *layout.image_fields):
         try:
             values[name] = _get_field(row, name)
         except KeyError as e:
             raise DataError(f"{where}: missing field {e.args[0]!r}") from None
-    prompt, messages = _prompt(values[prompt_field], where, prompt_field)
-    answer = _answer(values[answer_field], where, answer_field, answer_extract)
-    top = {prompt_field.split(".")[0], answer_field.split(".")[0]}
+    prompt, messages = _prompt(values[layout.prompt_field], where, layout.prompt_field)
+    answer = _answer(values[layout.answer_field], where, layout.answer_field, layout.answer_extract)
+    images = _images(values, where, layout)
+    top = {layout.prompt_field.split(".")[0], layout.answer_field.split(".")[0]}
     meta = {k: v for k, v in row.items() if k not in top}
-    return PromptRecord(prompt=prompt, answer=answer, meta=meta, messages=messages, source=str(path), row=n)
+    for name in layout.image_fields:  # the raw images live in `images`, not twice
+        meta = _without(meta, name.split("."))
+    return PromptRecord(
+        prompt=prompt,
+        answer=answer,
+        meta=meta,
+        messages=messages,
+        source=str(path),
+        row=n,
+        images=images,
+        base_dir=str(layout.base_dir),
+        image_placeholder=layout.image_placeholder,
+    )
+
+
+def _images(values: Mapping[str, Any], where: str, layout: _Layout) -> list[Any]:
+    """The row's image values in field order, checked without decoding, and their placeholder count."""
+    from megatron_sapo.data.images import check_image  # images.py imports DataError from here
+
+    images = []
+    for name in layout.image_fields:
+        value = values[name]
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                check_image(item, where=f"{where}: {name}[{i}]", base_dir=layout.base_dir)
+            images.extend(value)
+        else:
+            check_image(value, where=f"{where}: {name}", base_dir=layout.base_dir)
+            images.append(value)
+    if layout.image_fields:
+        prompt = values[layout.prompt_field]
+        texts = [prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"]
+        marks = sum(text.count(layout.image_placeholder) for text in texts)
+        if marks and marks != len(images):
+            raise DataError(
+                f"{where}: the prompt has {marks} {layout.image_placeholder!r} placeholders but "
+                f"{len(images)} images (fields {', '.join(layout.image_fields)})"
+            )
+    return images
+
+
+def _without(row: Mapping[str, Any], keys: list[str]) -> dict[str, Any]:
+    """A copy of `row` without the value at the dotted path `keys` (the dicts along it copied, not changed)."""
+    out = dict(row)
+    if len(keys) == 1:
+        out.pop(keys[0], None)
+    elif isinstance(out.get(keys[0]), Mapping):
+        out[keys[0]] = _without(out[keys[0]], keys[1:])
+    return out
 
 
 def _prompt(value: Any, where: str, name: str) -> tuple[str, list[dict[str, str]] | None]:

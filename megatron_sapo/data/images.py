@@ -9,7 +9,9 @@ Accepted values: a PIL image, raw bytes, a `{"bytes": ..., "path": ...}` dict (H
 feature in parquet), a `data:` URI, a base64 string, or a path (relative paths against `base_dir`, the
 dataset file's folder). Every image is fully decoded here and converted to RGB, so a truncated or
 corrupt file fails now, as a `DataError` naming `where` — never later inside the processor, a worker or
-the SGLang server. Tests: `python -m pytest tests/unit/test_images.py -q`
+the SGLang server. `check_image` is the cheap load-time half (type, and that a named file exists; no
+decoding), so a dataset's rows fail at load without holding decoded pixels.
+Tests: `python -m pytest tests/unit/test_images.py tests/unit/test_data_images.py -q`
 """
 
 from __future__ import annotations
@@ -43,26 +45,72 @@ def load_image(value: Any, *, where: str, base_dir: str | Path | None = None) ->
     if isinstance(value, dict):  # HF datasets' Image feature: bytes, or a path beside the data
         if value.get("bytes"):
             return _decode(bytes(value["bytes"]), where, "bytes")
-        if value.get("path"):
-            return load_image(str(value["path"]), where=where, base_dir=base_dir)
-        raise DataError(f"{where}: image field has neither 'bytes' nor 'path' (keys: {sorted(value)})")
+        return load_image(_dict_path(value, where), where=where, base_dir=base_dir)
     if isinstance(value, bytes | bytearray | memoryview):
         return _decode(bytes(value), where, "bytes")
+    if _data_uri(value, where) is not None:
+        return _decode(_b64(value.partition(",")[2], where), where, "data URI")
+    path = _named_file(value, base_dir, where)
+    if path is not None:
+        return _decode(path.read_bytes(), where, f"file {str(path)!r}")
+    return _decode(_b64(value, where), where, "base64")
+
+
+def check_image(value: Any, *, where: str, base_dir: str | Path | None = None) -> None:
+    """`load_image`'s checks that need no decoding: an accepted type, a base64 data URI, an existing file.
+
+    Raises the same `DataError` lines `load_image` would; bytes and base64 are only decoded there.
+    """
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        return
+    if isinstance(value, dict):
+        if not value.get("bytes"):
+            check_image(_dict_path(value, where), where=where, base_dir=base_dir)
+        return
+    if isinstance(value, bytes | bytearray | memoryview):
+        if not len(value):
+            raise DataError(f"{where}: the image is empty (0 bytes)")
+        return
+    if _data_uri(value, where) is None:
+        _named_file(value, base_dir, where)
+
+
+def _dict_path(value: dict, where: str) -> str:
+    if not value.get("path"):
+        raise DataError(f"{where}: image field has neither 'bytes' nor 'path' (keys: {sorted(value)})")
+    return str(value["path"])
+
+
+def _data_uri(value: Any, where: str) -> str | None:
+    """The header of a `data:` URI (None for any other string); refuses non-strings and non-base64 URIs."""
     if not isinstance(value, str) or not value:
         raise DataError(
             f"{where}: an image must be a path, bytes, base64 or a data URI, got {type(value).__name__}"
         )
-    if value.startswith("data:"):
-        header, _, payload = value.partition(",")
-        if ";base64" not in header:
-            raise DataError(f"{where}: only base64 data URIs are supported, got {header[:40]!r}")
-        return _decode(_b64(payload, where), where, "data URI")
+    if not value.startswith("data:"):
+        return None
+    header = value.partition(",")[0]
+    if ";base64" not in header:
+        raise DataError(f"{where}: only base64 data URIs are supported, got {header[:40]!r}")
+    return header
+
+
+def _named_file(value: str, base_dir: str | Path | None, where: str) -> Path | None:
+    """The existing file a string names, None when it reads as base64; `DataError` for a missing file.
+
+    A path has a suffix and base64 never has a '.'; a string of 1024+ characters is taken as a payload
+    (no real image path is that long, and `Path.exists` raises on names past the system's limit).
+    """
+    if len(value) >= 1024:
+        return None
     path = Path(value) if base_dir is None or Path(value).is_absolute() else Path(base_dir) / value
-    if len(value) < 1024 and path.suffix and not path.exists():
+    if not path.suffix:
+        return None
+    if not path.exists():
         raise DataError(f"{where}: image file {str(path)!r} not found")
-    if path.suffix and path.exists():
-        return _decode(path.read_bytes(), where, f"file {str(path)!r}")
-    return _decode(_b64(value, where), where, "base64")
+    return path
 
 
 def _b64(payload: str, where: str) -> bytes:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_sapo.data import ImagePrompt, ImageRenderer, PromptRecord, load_records, render_prompt
+from megatron_sapo.data import ImagePrompt, PromptRecord, load_records, render_prompt
 from megatron_sapo.data.synthetic import ArithmeticTask
 from megatron_sapo.data.visual_task import VisualTask
 from megatron_sapo.train.config import TrainJobConfig
@@ -144,7 +144,7 @@ def load_data(cfg: TrainJobConfig, tokenizer: Any, processor: Any = None) -> Run
     if processor is None:
         train_ids, eval_ids = [render_text(r) for r in train], [render_text(r) for r in evals]
         return RunData(train, evals, tokenizer, targets, cfg.run.seed, render_text, train_ids, eval_ids)
-    renderer = ImageRenderer(processor, min_pixels=d.min_pixels, max_pixels=d.max_pixels)
+    renderer = d.image_renderer(processor)
 
     def render_image(record: PromptRecord) -> ImagePrompt:
         return renderer.render(record, system_prompt=d.system_prompt, max_prompt_tokens=d.max_prompt_tokens)
