@@ -53,6 +53,14 @@ class DataConfig:
     """The synthetic task's settings."""
     max_prompt_tokens: int = 256
     """Longest rendered prompt in tokens; a longer one is an error naming its file and row."""
+    image_fields: list[str] = field(default_factory=list)
+    """Record fields holding images (one image or a list each); [] = text-only prompts."""
+    image_placeholder: str = "<image>"
+    """Marker in the prompt text where the next image goes."""
+    min_pixels: int | None = None
+    """Fewest pixels per image (smaller ones are upscaled); null = the processor's own limit."""
+    max_pixels: int | None = None
+    """Most pixels per image (larger ones are downscaled); null = the processor's own limit."""
 
     def __post_init__(self) -> None:
         check_min(self, "max_prompt_tokens")
