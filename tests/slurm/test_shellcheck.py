@@ -30,6 +30,7 @@ def test_scripts_exist() -> None:
     assert {
         "tiny_cpu.sbatch",
         "qwen3_30b_a3b_sapo.sbatch",
+        "qwen3_vl_30b_a3b_sapo.sbatch",
         "convert_hf_to_megatron.sbatch",
         "convert_megatron_to_hf.sbatch",
         "gpu_check.sh",

@@ -17,23 +17,32 @@ from megatron_sapo.utils.typed_config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
-COLOCATED = [
-    "cluster.placement=colocated",
-    "cluster.engine_nodes=0",
-    "rollout.num_engines=2",
-    "rollout.server.tp_size=4",
-    "rollout.server.mem_fraction_static=0.45",
-]
+
+def _colocated(mem_fraction_static: float) -> list[str]:
+    """PLACEMENT=colocated* of the sbatch scripts: 2 engines x TP 4 beside the trainers."""
+    return [
+        "cluster.placement=colocated",
+        "cluster.engine_nodes=0",
+        "rollout.num_engines=2",
+        "rollout.server.tp_size=4",
+        f"rollout.server.mem_fraction_static={mem_fraction_static}",
+    ]
+
+
 FIRST_NODE = ["cluster.colocated_engines=first_node", "rollout.weight_sync.transport=tensor"]
 EVERY_NODE = ["cluster.colocated_engines=every_node", "rollout.weight_sync.transport=distributed"]
-# config -> (overrides the sbatch script adds, trainer world size): 30B-A3B on 4 nodes x 8 GPUs
-# disaggregated (3 train nodes) and colocated on node 1 / every node (PLACEMENT=colocated /
-# colocated-every-node in examples/slurm/qwen3_30b_a3b_sapo.sbatch), 8B on 1 node
+# config -> (overrides the sbatch script adds, trainer world size): 30B-A3B and VL-30B-A3B on 4 nodes x 8
+# GPUs disaggregated (3 train nodes) and colocated on node 1 / every node (PLACEMENT=colocated /
+# colocated-every-node in examples/slurm/qwen3_30b_a3b_sapo.sbatch, qwen3_vl_30b_a3b_sapo.sbatch; the VL
+# engines get less memory beside the vision tower), 8B on 1 node
 CASES = {
     "30b-disaggregated": ("qwen3_30b_a3b_sapo.yaml", [], 24),
-    "30b-colocated": ("qwen3_30b_a3b_sapo.yaml", [*COLOCATED, *FIRST_NODE], 32),
-    "30b-colocated-every-node": ("qwen3_30b_a3b_sapo.yaml", [*COLOCATED, *EVERY_NODE], 32),
+    "30b-colocated": ("qwen3_30b_a3b_sapo.yaml", [*_colocated(0.45), *FIRST_NODE], 32),
+    "30b-colocated-every-node": ("qwen3_30b_a3b_sapo.yaml", [*_colocated(0.45), *EVERY_NODE], 32),
     "8b-colocated": ("qwen3_8b_sapo.yaml", [], 8),
+    "vl-30b-disaggregated": ("qwen3_vl_30b_a3b_sapo.yaml", [], 24),
+    "vl-30b-colocated": ("qwen3_vl_30b_a3b_sapo.yaml", [*_colocated(0.35), *FIRST_NODE], 32),
+    "vl-30b-colocated-every-node": ("qwen3_vl_30b_a3b_sapo.yaml", [*_colocated(0.35), *EVERY_NODE], 32),
 }
 
 
@@ -49,11 +58,26 @@ def _hf(model_type: str, heads: int, kv_heads: int, ffn: int, layers: int, **moe
     )
 
 
-# Qwen3-30B-A3B and Qwen3-8B as published
+QWEN3_30B_A3B = _hf("qwen3_moe", 32, 4, 6144, 48, num_experts=128, moe_intermediate_size=768)
+# Qwen3-30B-A3B, Qwen3-8B and Qwen3-VL-30B-A3B-Instruct as published (the VL model's text tower is
+# Qwen3-30B-A3B's; its vision tower adds the deepstack layers that must sit on the first pipeline stage)
 QWEN3 = {
-    "qwen3_30b_a3b_sapo.yaml": _hf("qwen3_moe", 32, 4, 6144, 48, num_experts=128, moe_intermediate_size=768),
+    "qwen3_30b_a3b_sapo.yaml": QWEN3_30B_A3B,
     "qwen3_8b_sapo.yaml": _hf("qwen3", 32, 8, 12288, 36),
+    "qwen3_vl_30b_a3b_sapo.yaml": SimpleNamespace(
+        model_type="qwen3_vl_moe",
+        tie_word_embeddings=False,
+        text_config=QWEN3_30B_A3B,
+        vision_config=SimpleNamespace(
+            patch_size=16, spatial_merge_size=2, deepstack_visual_indexes=[8, 16, 24]
+        ),
+    ),
 }
+
+
+def test_every_cluster_config_has_a_case() -> None:
+    configs = {p.name for p in (ROOT / "configs").glob("qwen3_*_sapo.yaml")}
+    assert configs == {name for name, _, _ in CASES.values()} == set(QWEN3)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -71,3 +95,11 @@ def test_cluster_config_loads_and_fits(case: str) -> None:
         assert cfg.rollout.num_engines * cfg.rollout.server.tp_size <= cfg.cluster.gpus_per_node
     else:
         assert cfg.cluster.engines_per_node * cfg.rollout.server.tp_size <= cfg.cluster.gpus_per_node
+    # the micro-batch budget holds one longest sample (docs/multinode.md sizes activations for it)
+    assert cfg.data.max_prompt_tokens + cfg.rollout.sampling.max_new_tokens <= cfg.loss.micro_batch_tokens
+    vision = getattr(QWEN3[name], "vision_config", None)
+    if vision is not None:
+        # one image token per (patch x merge)^2 pixels: the largest image takes at most half the prompt
+        pixels_per_token = (vision.patch_size * vision.spatial_merge_size) ** 2
+        assert cfg.data.image_fields and cfg.data.min_pixels <= cfg.data.max_pixels
+        assert cfg.data.max_pixels // pixels_per_token <= cfg.data.max_prompt_tokens // 2
