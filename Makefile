@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PYTEST_ARGS ?=
 
-.PHONY: help demo test test-fast lint format install install-dev install-sglang install-bench bench gpu-check clean
+.PHONY: help demo demo-vlm test test-fast lint format install install-dev install-sglang install-bench bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-15s %s\n",$$1,$$2}'
@@ -47,6 +47,9 @@ install-bench: $(VENV)/.stamp-bench  ## + TRL for benchmarks/bench_vs_trl.py (ve
 
 demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~4 min)
 	$(VENV)/bin/megatron-sapo train configs/quickstart.yaml
+
+demo-vlm: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## the vision-language quickstart: tiny Qwen3-VL-MoE, SAPO on images (~11 min)
+	$(VENV)/bin/megatron-sapo train configs/vlm_quickstart.yaml
 
 test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLang included), then run the whole suite
 	$(PY) -m pytest tests $(PYTEST_ARGS)

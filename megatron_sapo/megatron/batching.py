@@ -16,6 +16,7 @@ a causal mask (no real position attends to a later one). Tests: ``python -m pyte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,6 +58,10 @@ class Sample:
     """`[N_patches, C·t·p·p]` the prompt's images as the policy's processor flattened them (VL policies)."""
     image_grid_thw: torch.Tensor | None = None
     """`[n_images, 3]` each image's (t, h, w) patch grid, in prompt order; with `pixel_values`."""
+    prompt_key: Any = None
+    """The caller's key of the prompt, carried through `PolicyEngine.scatter` untouched. The RL loop keys a
+    sample by its training record, and each rank renders its own share's images after the scatter, so
+    pixels (~100x the bytes of the image files) never fan out from rank 0."""
 
     def __post_init__(self) -> None:
         n = self.tokens.numel()

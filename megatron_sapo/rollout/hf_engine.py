@@ -388,11 +388,11 @@ class TransformersEngine:
         for i, (name, tensor) in enumerate(tensors):
             slot = slots.get(name)
             # official Qwen3-VL-MoE files hold the fused experts with dims 1 and 2 swapped against what
-            # transformers saves ([E, H, 2I] / [E, I, H]; bridge/fused_experts.py)
-            if name in self._expert_parts and slot is not None and tensor.dim() == 3:
-                swapped = (tensor.shape[0], tensor.shape[2], tensor.shape[1])
-                if tuple(tensor.shape) != slot.shape and swapped == slot.shape:
-                    tensors[i] = (name, tensor.transpose(1, 2))
+            # transformers saves ([E, H, 2I] / [E, I, H]; bridge/fused_experts.py); a square one is read
+            # as official (what our converters and exports write)
+            swapped = (tensor.shape[0], tensor.shape[2], tensor.shape[1]) if tensor.dim() == 3 else None
+            if name in self._expert_parts and slot is not None and swapped == slot.shape:
+                tensors[i] = (name, tensor.transpose(1, 2))
         self._load(tensors, version=version, complete=True)
 
     def _load(self, tensors: list[tuple[str, torch.Tensor]], *, version: str, complete: bool) -> None:

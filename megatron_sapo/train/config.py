@@ -82,6 +82,14 @@ class TinyModelConfig:
                 "head_dim",
                 f"a tiny Qwen3-VL needs 16 (M-RoPE [4, 2, 2]), got {self.head_dim}",
             )
+        if self.architecture == "qwen3_vl_moe":
+            # Qwen3-VL-MoE files fuse the experts as [E, H, 2I] / [E, I, H], transformers' memory as
+            # [E, 2I, H] / [E, H, I]: a square one would load either way, silently wrong in one of them
+            check(
+                self.moe_ffn not in (self.hidden, self.hidden // 2),
+                "moe_ffn",
+                f"{self.moe_ffn} makes a fused expert tensor square (hidden {self.hidden}): pick another size",
+            )
 
 
 @dataclass

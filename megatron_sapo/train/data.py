@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from megatron_sapo.data import ImagePrompt, PromptRecord, load_records, render_prompt
 from megatron_sapo.data.synthetic import ArithmeticTask
 from megatron_sapo.data.visual_task import VisualTask
+from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.train.config import TrainJobConfig
 
 Prompt = list[int] | ImagePrompt
@@ -65,9 +66,39 @@ class RunData:
     def _train_prompt(self, i: int) -> Prompt:
         return self.train_ids[i] if self.train_ids is not None else self.render(self.train[i])
 
+    def train_keys(self, offset: int, n: int) -> list[int]:
+        """Indices into `train` of the `n` prompts drawn from `offset` on (the keys `attach_images` takes)."""
+        return [self._order(i // len(self.train))[i % len(self.train)] for i in range(offset, offset + n)]
+
     def train_batch(self, offset: int, n: int) -> tuple[list[PromptRecord], list[Prompt]]:
-        idx = [self._order(i // len(self.train))[i % len(self.train)] for i in range(offset, offset + n)]
+        idx = self.train_keys(offset, n)
         return [self.train[i] for i in idx], [self._train_prompt(i) for i in idx]
+
+    @property
+    def has_images(self) -> bool:
+        """Prompts are rendered with the policy's processor (`ImagePrompt`s)."""
+        return self.train_ids is None
+
+    def attach_images(self, samples: list[Sample]) -> list[Sample]:
+        """Samples keyed by their train record (`Sample.prompt_key`) with that record's pixels and grids,
+        rendered here (each prompt once per call): every rank renders its own share after the scatter."""
+        rendered: dict[int, ImagePrompt] = {}
+        out = []
+        for s in samples:
+            if s.prompt_key is None or not self.has_images:
+                out.append(s)
+                continue
+            if s.prompt_key not in rendered:
+                rendered[s.prompt_key] = self.render(self.train[s.prompt_key])
+            p = rendered[s.prompt_key]
+            if len(p.input_ids) != s.response_start or s.tokens[: s.response_start].tolist() != p.input_ids:
+                raise RuntimeError(
+                    f"{self.train[s.prompt_key].where()}: this rank rendered other prompt tokens than rank 0"
+                )
+            if p.pixel_values is not None:
+                s = replace(s, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw)
+            out.append(s)
+        return out
 
     def train_prompt_ids(self, offset: int, n: int) -> list[Prompt]:
         return self.train_batch(offset, n)[1]
@@ -81,9 +112,9 @@ class RunData:
 
     def sft_batches(
         self, batch_size: int, steps: int, *, seed: int
-    ) -> Iterator[list[tuple[list[int], int, ImagePrompt | None]]]:
-        """(prompt + target + EOS tokens, response start, the image prompt or None) batches for the
-        supervised cold start."""
+    ) -> Iterator[list[tuple[list[int], int, int | None]]]:
+        """(prompt + target + EOS tokens, response start, the train index for `attach_images` or None)
+        batches for the supervised cold start."""
         eos = self.tokenizer.eos_token_id
         for step in range(steps):
             rng = random.Random(seed * 7 + step)
@@ -92,7 +123,7 @@ class RunData:
                 target = self.tokenizer(self.sft_targets[i], add_special_tokens=False)["input_ids"] + [eos]
                 prompt = self._train_prompt(i)
                 ids = list(prompt.input_ids) if isinstance(prompt, ImagePrompt) else prompt
-                batch.append((ids + target, len(ids), prompt if isinstance(prompt, ImagePrompt) else None))
+                batch.append((ids + target, len(ids), i if self.has_images else None))
             yield batch
 
 

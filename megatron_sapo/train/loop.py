@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from megatron_sapo.cluster.engine_nodes import node_engines, serve_engine_node, stop_engines_at_exit
 from megatron_sapo.cluster.launch import Launch
-from megatron_sapo.data import ImagePrompt
+from megatron_sapo.data import DataError
 from megatron_sapo.losses import group_advantages
 from megatron_sapo.megatron.batching import Sample
 from megatron_sapo.megatron.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -178,12 +178,21 @@ def _cold_start(
     # must start from the same one).
     policy.routing = None
     started = time.perf_counter()
-    for step, batch in enumerate(data.sft_batches(cfg.sft.batch_size, cfg.sft.steps, seed=cfg.run.seed)):
+    driver = dist.get_rank() == 0
+    # rank 0 draws (and renders) the batches; a prompt that fails to render stops every rank (_from_driver)
+    batches = data.sft_batches(cfg.sft.batch_size, cfg.sft.steps, seed=cfg.run.seed) if driver else None
+    for step in range(cfg.sft.steps):
         for group in policy.optimizer.param_groups:
             group["lr"] = cfg.sft.lr
-        samples = [_sample(t, r, 1.0, image) for t, r, image in batch]
-        # every rank loads the data; rank 0's batch is split so that each DP rank trains on its share
-        metrics = policy.train_step(policy.scatter(samples if dist.get_rank() == 0 else None))
+
+        def draw() -> list[Sample]:
+            return [_sample(t, r, 1.0, key) for t, r, key in next(batches)]
+
+        samples = _from_driver(draw, driver_only=True)
+        # rank 0's batch is split so that each DP rank trains on its share
+        share = policy.scatter(samples)
+        share.samples = data.attach_images(share.samples)  # each rank renders its own share's images
+        metrics = policy.train_step(share)
         if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
             writer.log_sft(step, metrics, time.perf_counter() - started)
     policy.loss_config, policy.temperature, policy.routing = loss_config, temperature, routing
@@ -247,7 +256,7 @@ def _rl_step(
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
         engine.release_memory()
     t_rollout = time.perf_counter() - t0
-    samples = [_sample(t, r, a, image) for t, r, a, _, _, image in rows]
+    samples = [_sample(t, r, a, key) for t, r, a, _, _, key in rows]
     guarded = bool(cfg.rollout.guard_prompts)  # 0: the metrics, never a verdict
     check = partial(
         check_rollout,
@@ -256,7 +265,7 @@ def _rl_step(
         version=str(step) if guarded else None,
         threshold=cfg.rollout.guard_threshold if guarded else math.inf,
     )
-    _, metrics = _update_policy(policy, samples if driver else None, check)
+    _, metrics = _update_policy(policy, samples if driver else None, check, data.attach_images)
     if not math.isfinite(metrics["loss"]):
         # step + 1: the metrics.jsonl row this step writes
         log.warning(
@@ -300,7 +309,10 @@ def _rl_step(
 
 
 def _update_policy(
-    policy: PolicyEngine, samples: list[Sample] | None, check: Callable[..., dict] | None = None
+    policy: PolicyEngine,
+    samples: list[Sample] | None,
+    check: Callable[..., dict] | None = None,
+    attach: Callable[[list[Sample]], list[Sample]] | None = None,
 ) -> tuple[list[torch.Tensor] | None, dict[str, float]]:
     """Every rank: one step's pi_old pass and mini-batch updates, each DP rank on its share only.
 
@@ -312,6 +324,8 @@ def _update_policy(
     """
     t = time.perf_counter()
     share = policy.scatter(samples)
+    if attach is not None:  # e.g. each rank renders its share's images (`RunData.attach_images`)
+        share.samples = attach(share.samples)
     old = policy.compute_logprobs(share.samples)
     old_all = policy.gather(share, old)
 
@@ -364,8 +378,9 @@ def _stop_if_diverged(step: int) -> Iterator[None]:
         ) from exc
 
 
-_SHARED_ERRORS = (EngineRestarted, PolicyDiverged, WeightSyncMismatch)
-"""What rank 0's engine-side calls raise on every rank (`_from_driver`)."""
+_SHARED_ERRORS = (EngineRestarted, PolicyDiverged, WeightSyncMismatch, DataError)
+"""What rank 0's engine-side calls raise on every rank (`_from_driver`); a `DataError`: a prompt of the batch
+rank 0 drew could not be rendered (an image that does not decode), and no rank trains on the batch."""
 
 
 def _check_finite(logprobs: list[torch.Tensor]) -> None:
@@ -412,7 +427,7 @@ def _rollout(
     base = r.sampling.seed if r.sampling.seed is not None else cfg.run.seed * 1_000_003
     stops = r.sampling.stop_token_ids + [t for t in data.stop_token_ids if t not in r.sampling.stop_token_ids]
     sampling = replace(r.sampling, seed=base + step, stop_token_ids=stops)
-    kept: list[tuple[list[int], int, float, list[float], str | None, Any]] = []
+    kept: list[tuple[list[int], int, float, list[float], str | None, int | None]] = []
     t_generate = t_reward = 0.0
     all_rewards: list[float] = []
     reward_stats: dict[str, float] = {}
@@ -424,6 +439,7 @@ def _rollout(
         if need <= 0:
             break
         records, prompt_ids = data.train_batch(offset, need)
+        keys = data.train_keys(offset, need) if data.has_images else [None] * need
         offset += need
         t = time.perf_counter()
         gens = engine.generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
@@ -445,8 +461,6 @@ def _rollout(
                 g = gens[i]
                 if not g.token_ids:
                     continue
-                image = prompt_ids[g.prompt_index]
-                image = image if isinstance(image, ImagePrompt) else None
                 kept.append(
                     (
                         g.prompt_ids + g.token_ids,
@@ -454,7 +468,7 @@ def _rollout(
                         adv[i],
                         g.logprobs,
                         g.weight_version,
-                        image,
+                        keys[g.prompt_index],
                     )
                 )
                 lengths.append(len(g.token_ids))
@@ -476,14 +490,12 @@ def _rollout(
     }
 
 
-def _sample(tokens: list[int], response_start: int, advantage: float, image: ImagePrompt | None) -> Sample:
-    """A training sample; with its prompt's pixels when it has images (the ones the engine saw)."""
-    pixels = (
-        {}
-        if image is None or image.pixel_values is None
-        else {"pixel_values": image.pixel_values, "image_grid_thw": image.image_grid_thw}
+def _sample(tokens: list[int], response_start: int, advantage: float, key: int | None) -> Sample:
+    """A training sample; `key`: its train record when the prompt has images, which each rank renders for
+    its own share after the scatter (`RunData.attach_images`: the pixels the engine saw)."""
+    return Sample(
+        tokens=torch.tensor(tokens), response_start=response_start, advantage=advantage, prompt_key=key
     )
-    return Sample(tokens=torch.tensor(tokens), response_start=response_start, advantage=advantage, **pixels)
 
 
 def _sampling(params: SamplingParams, round_: int) -> SamplingParams:
