@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_sapo.cluster.engine_nodes import node_engines, serve_engine_node, stop_engines_at_exit
 from megatron_sapo.cluster.launch import Launch
@@ -192,9 +193,17 @@ def _cold_start(
         # rank 0's batch is split so that each DP rank trains on its share
         share = policy.scatter(samples)
         share.samples = data.attach_images(share.samples)  # each rank renders its own share's images
-        metrics = policy.train_step(share)
-        if writer and (step % 10 == 0 or step + 1 == cfg.sft.steps):
-            writer.log_sft(step, metrics, time.perf_counter() - started)
+        # the demonstrations' log-probs before the step: the surrogate's value is a constant here (ratio
+        # 1, advantage 1), their mean negative log-likelihood is what a cold start is judged by
+        logps = policy.compute_logprobs(share.samples)
+        share.samples = [replace(s, old_logprobs=lp) for s, lp in zip(share.samples, logps)]
+        policy.train_step(share)
+        if step % 10 == 0 or step + 1 == cfg.sft.steps:
+            nll = [-sum(float(lp.sum()) for lp in logps), float(sum(lp.numel() for lp in logps))]
+            sums = torch.tensor(nll, dtype=torch.float64, device=policy.device)
+            dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+            if writer:
+                writer.log_sft(step, float(sums[0] / sums[1]), time.perf_counter() - started)
     policy.loss_config, policy.temperature, policy.routing = loss_config, temperature, routing
     # the RL schedule (warm-up included) starts after the cold start
     policy.scheduler.num_steps = 0

@@ -79,8 +79,9 @@ class MetricsWriter:
             shown = {k: row[k] for k in ("reward/mean", "loss", "eval/accuracy", "time/step_s") if k in row}
             log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
 
-    def log_sft(self, step: int, metrics: dict[str, float], seconds: float) -> None:
-        log.info("cold start step %d: loss %.4f (%.0f s)", step, metrics["loss"], seconds)
+    def log_sft(self, step: int, nll: float, seconds: float) -> None:
+        """`nll`: the mean negative log-likelihood per demonstration token before the step."""
+        log.info("cold start step %d: token NLL %.4f (%.0f s)", step, nll, seconds)
 
     def summary(self) -> None:
         """The end-of-run lines a user looks for: accuracy after the cold start vs at the end, and paths."""

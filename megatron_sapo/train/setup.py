@@ -128,7 +128,9 @@ def _save_tiny_vlm(cfg: TrainJobConfig, out: Path) -> None:
         f"<|im_start|>user\n{r.prompt.replace('<image>', '')}<|im_end|>\n<|im_start|>assistant\n"
         for r in records
     ]
-    corpus += [a for a in task.answers() for _ in range(50)]
+    # each answer repeated 5x as often as the prompts: its byte pairs are merged first, so every answer
+    # word is one token (a 5-token "yellow" would not fit in a few new tokens, nor be learned quickly)
+    corpus += [a for a in task.answers() for _ in range(5 * len(records))]
     tokenizer = train_vlm_tokenizer(corpus, vocab_size=t.vocab)
     config = tiny_vlm_config(
         moe=t.architecture == "qwen3_vl_moe",

@@ -10,7 +10,7 @@
   drawn): one error line naming the file and row, exit 2;
 - the real SGLang server: image rollouts, weight sync every step, the guard (< 1e-4 measured; the run's
   threshold is 0.05).
-Run: `python -m pytest tests/e2e/test_vlm_trainer.py -q` (~4 min on 2 cores).
+Run: `python -m pytest tests/e2e/test_vlm_trainer.py -q` (~2.5 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -55,9 +55,7 @@ def _env() -> dict[str, str]:
 
 def train(out: Path, *overrides: str, check: bool = True, prefix: list[str] | None = None):
     cmd = [*(prefix or [sys.executable]), *CLI[1:], f"run.output_dir={out}", *TINY, *overrides]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=_env(), timeout=900
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -1,9 +1,10 @@
 """Submit examples/slurm/tiny_cpu.sbatch to a real two-node Slurm and check the run it made.
 
 - a plain 2-node `srun` step runs one task on each emulated node (the cluster itself works);
-- tiny_cpu.sbatch (2 nodes x 1 task: 2 trainer ranks with EP=2, a colocated SGLang CPU server)
-  COMPLETES with exit code 0:0, its metrics.jsonl has the planned RL steps, and the launcher's log line
-  shows one world of 2 ranks across node1 and node2;
+- tiny_cpu.sbatch (2 nodes x 1 task: 2 trainer ranks with EP=2, a colocated SGLang CPU server) with
+  CONFIG=configs/vlm_quickstart.yaml (the tiny Qwen3-VL-MoE on image prompts, each node's rank rendering
+  its own images) COMPLETES with exit code 0:0, its metrics.jsonl has the planned RL steps with the guard
+  passing on image prompts, and the launcher's log line shows one world of 2 ranks across node1 and node2;
 - the same script with cluster.placement=disaggregated: node1 trains (1 rank), node2 only serves the
   SGLang engine, which the trainer finds by itself and syncs over the "distributed" transport;
 - the same script with cluster.colocated_engines=every_node: each node's trainer task serves an SGLang
@@ -44,8 +45,9 @@ def test_two_node_step_runs_one_task_per_node(slurm_cluster: LocalSlurm, tmp_pat
     assert lines == ["0: 0/2 node1 hi", "1: 1/2 node2 hi"], lines
 
 
-def _export(out: Path) -> dict[str, str]:
+def _export(out: Path, **extra: str) -> dict[str, str]:
     return {
+        **extra,
         "MEGATRON_SAPO_HOME": str(ROOT),
         "VENV": sys.prefix,  # the interpreter running the tests has megatron-sapo installed
         "OUTPUT_DIR": str(out),
@@ -63,12 +65,19 @@ def _check_metrics(out: Path) -> None:
 
 
 def test_tiny_cpu_sbatch_trains_across_two_nodes(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
+    """The colocated layout with CONFIG=configs/vlm_quickstart.yaml: the tiny Qwen3-VL-MoE on image prompts,
+    EP 2 over the nodes (so DP 2: each node's rank renders its own share's images), the guard passing on
+    them (the text model takes this layout in the two tests below and in tests/e2e/test_multirank.py)."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = slurm_cluster.submit([str(TINY)], cwd=ROOT, export=_export(out), output=log)
+    export = _export(out, CONFIG="configs/vlm_quickstart.yaml")
+    job = slurm_cluster.submit([str(TINY)], cwd=ROOT, export=export, output=log)
     info = slurm_cluster.wait(job, timeout=900)
     assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (info, _tail(log))
     assert info.get("NodeList") == "node[1-2]" and info.get("NumNodes") == "2", info
     _check_metrics(out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rollout/engine_trainer_logprob_diff_max"] < 1e-4 for r in rows[1:]), rows
+    assert "qwen3_vl_moe" in (out / "hf" / "config.json").read_text()
 
     text = log.read_text()
     # trainer rank 0 logs where it runs (megatron_sapo/cluster/launch.py, Launch.describe): one world of 2 ranks

@@ -3,13 +3,16 @@
 Vision tokens are single ids and match the config; the processor expands each image to
 t*h*w/merge^2 pads (counted from the image size, not from the processor's own grid); the MoE
 checkpoint on disk has the official expert orientation; transformers loads each checkpoint back equal,
-tensor by tensor, to a model built independently from the same config and seed.
+tensor by tensor, to a model built independently from the same config and seed. The VLM quickstart's
+tokenizer (`train/setup.py`) makes every answer of its task one token, so answer + EOS fit its
+`max_new_tokens` (a colour name split into 5 byte tokens could never be answered in 4).
 Run: `python -m pytest tests/unit/test_tiny_vlm.py -q` (~10 s).
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from megatron_sapo.data.visual_task import VisualTask
+from megatron_sapo.train.config import TrainJobConfig
+from megatron_sapo.train.setup import _save_tiny_vlm
 from megatron_sapo.utils.tiny_vlm import VISION_TOKENS, save_tiny_vlm, tiny_vlm_config
+from megatron_sapo.utils.typed_config import load_config
 
 SEED = 3
 CONFIG_IDS = {
@@ -107,3 +114,17 @@ def test_transformers_loads_the_model_built_from_config_and_seed(name, tiny_vlms
         disk = load_file(tiny_vlms[name] / "model.safetensors")
         fused = "model.language_model.layers.1.mlp.experts.gate_up_proj"
         assert torch.equal(disk[fused], reference[fused].transpose(1, 2))
+
+
+@pytest.mark.parametrize("kind", ["color", "count"])
+def test_quickstart_tokenizer_makes_every_answer_one_token(kind, tmp_path) -> None:
+    config = Path(__file__).resolve().parents[2] / "configs" / "vlm_quickstart.yaml"
+    cfg = load_config(TrainJobConfig, config, [f"data.visual.kind={kind}"])
+    _save_tiny_vlm(cfg, tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    task = VisualTask(**{k: getattr(cfg.data.visual, k) for k in VisualTask.__dataclass_fields__})
+    for answer in task.answers():
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        assert len(ids) == 1, (answer, tokenizer.convert_ids_to_tokens(ids))
+        assert tokenizer.decode(ids) == answer
+    assert cfg.rollout.sampling.max_new_tokens >= 2  # the answer and EOS
