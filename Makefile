@@ -48,7 +48,7 @@ install-bench: $(VENV)/.stamp-bench  ## + TRL for benchmarks/bench_vs_trl.py (ve
 demo: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## run the main job on the embedded CPU default (~4 min)
 	$(VENV)/bin/megatron-sapo train configs/quickstart.yaml
 
-demo-vlm: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## the vision-language quickstart: tiny Qwen3-VL-MoE, SAPO on images (~11 min)
+demo-vlm: $(VENV)/.stamp-base $(VENV)/.stamp-sglang  ## the vision-language quickstart: tiny Qwen3-VL-MoE, SAPO on images (~8 min)
 	$(VENV)/bin/megatron-sapo train configs/vlm_quickstart.yaml
 
 test: $(VENV)/.stamp-dev $(VENV)/.stamp-sglang  ## install what tests need (SGLang included), then run the whole suite
