@@ -7,8 +7,8 @@ A policy loss is one function in its own file, registered by name:
 
 It receives the fp32, clamped token log-ratio `log r = logp − old_logp` `[B, T]` (with grad), the
 advantages broadcast to `[B, T]`, and the bool mask `[B, T]`; it returns the per-token loss (−f(r)·Â)
-and a dict of float metrics. Everything shared — dtype, clamping, aggregation, KL / entropy terms,
-log-ratio diagnostics — happens here, once.
+and a dict of float metrics. Everything shared — dtype, clamping, aggregation, rollout correction, KL /
+entropy terms, log-ratio diagnostics — happens here, once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from megatron_sapo.losses.aggregation import aggregate
 from megatron_sapo.losses.diagnostics import log_ratio_metrics, masked_mean
+from megatron_sapo.losses.rollout_correction import rollout_correction_weights
 
 LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 LOSSES: dict[str, LossFn] = {}
@@ -47,6 +48,9 @@ def compute_policy_loss(
     aggregation: str = "seq-mean-token-mean",
     normalizer: float | None = None,
     log_ratio_clamp: float = 20.0,
+    rollout_correction: str = "off",
+    rollout_correction_cap: float = 2.0,
+    engine_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     ref_logp: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
@@ -65,6 +69,9 @@ def compute_policy_loss(
         normalizer: global number of sequences (resp. tokens) of the whole mini-batch when this call sees
             only a micro-batch or one data-parallel shard; None = this batch's own count.
         log_ratio_clamp: |logp − old_logp| is clamped to this before exp (numerical safety).
+        rollout_correction, rollout_correction_cap, engine_logp: "tis" / "mis" weight each token's
+            policy-gradient loss by π_old against the engine's `[B, T]` log μ (rollout_correction.py);
+            "off" (default) leaves it unweighted.
         kl_coef, ref_logp: optional k3 KL penalty to a reference policy (off by default, as in SAPO).
         entropy_coef, entropy: optional entropy bonus from `[B, T]` token entropies (off by default).
         **params: the loss's own parameters (SAPO: tau_pos, tau_neg; GRPO/GSPO: eps_low, eps_high).
@@ -88,6 +95,16 @@ def compute_policy_loss(
     # fp32 and clamped before exp: a bf16 log-ratio loses ~3 digits of r, and an unclamped one overflows.
     log_ratio = (logp.float() - old_logp.detach().float()).clamp(-log_ratio_clamp, log_ratio_clamp)
     per_token, metrics = fn(log_ratio, adv, mask, **params)
+    if rollout_correction != "off":
+        if engine_logp is None:
+            raise ValueError(
+                f"rollout_correction={rollout_correction!r} needs the engine's log-probs (engine_logp)"
+            )
+        weights, correction = rollout_correction_weights(
+            old_logp, engine_logp, mask, mode=rollout_correction, cap=rollout_correction_cap
+        )
+        per_token = per_token * weights
+        metrics.update(correction)
     pg_loss = aggregate(per_token, mask, aggregation, normalizer)
     loss = pg_loss
     metrics["pg_loss"] = float(pg_loss.detach())

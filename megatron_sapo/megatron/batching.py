@@ -45,6 +45,9 @@ class Sample:
     """Scalar advantage Â shared by every response token."""
     old_logprobs: torch.Tensor | None = None
     """`[L − response_start]` log π_old of the response tokens (fp32), if already known."""
+    engine_logprobs: torch.Tensor | None = None
+    """`[L − response_start]` log μ of the response tokens as the rollout engine reported them (fp32); read
+    by the rollout correction (`LossConfig.rollout_correction`) only."""
     loss_mask: torch.Tensor | None = None
     """`[L − response_start]` bool, False on response tokens that must not count (e.g. tool output)."""
     routing: torch.Tensor | None = None
@@ -70,7 +73,7 @@ class Sample:
                 f"need tokens [L] and 1 <= response_start < L; got {self.tokens.shape}, "
                 f"response_start={self.response_start}"
             )
-        for name in ("old_logprobs", "loss_mask"):
+        for name in ("old_logprobs", "engine_logprobs", "loss_mask"):
             value = getattr(self, name)
             if value is not None and value.shape != (self.num_response_tokens,):
                 raise ValueError(f"{name} must be [{self.num_response_tokens}], got {tuple(value.shape)}")
@@ -252,6 +255,9 @@ class MicroBatch:
     """`[N_patches, C·t·p·p]` every image of the rows, row after row (the order the model fills them in)."""
     image_grid_thw: torch.Tensor | None = None
     """`[n_images, 3]` their patch grids, same order."""
+    engine_logprobs: torch.Tensor | None = None
+    """`[B, T]` fp32 log μ (the rollout engine's) on response positions, 0 elsewhere; None when no row has
+    them."""
 
     def to(self, device: torch.device | str) -> MicroBatch:
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
@@ -295,6 +301,7 @@ def collate(
     labels = torch.full((b, t), pad_token_id, dtype=torch.long)
     loss_mask = torch.zeros(b, t, dtype=torch.bool)
     old = torch.zeros(b, t, dtype=torch.float32)
+    engine = None if all(s.engine_logprobs is None for s in samples) else torch.zeros(b, t)
     advantages = torch.zeros(b, dtype=torch.float32)
     spans = []
     for i, s in enumerate(samples):
@@ -305,6 +312,8 @@ def collate(
         loss_mask[i, start:end] = s.response_mask()
         if old_logprobs is not None:
             old[i, start:end] = old_logprobs[i].float()
+        if engine is not None and s.engine_logprobs is not None:
+            engine[i, start:end] = s.engine_logprobs.float()
         advantages[i] = float(s.advantage)
         spans.append((start, end))
     images = [s for s in samples if s.pixel_values is not None]
@@ -322,6 +331,7 @@ def collate(
         spans=spans,
         pixel_values=torch.cat([s.pixel_values for s in images]) if images else None,
         image_grid_thw=torch.cat([s.image_grid_thw for s in images]).long() if images else None,
+        engine_logprobs=engine,
     )
 
 

@@ -67,6 +67,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_sapo.losses import (
     AGGREGATIONS,
     LOSSES,
+    ROLLOUT_CORRECTIONS,
     compute_policy_loss,
     count_for_normalizer,
     loss_parameters,
@@ -139,6 +140,12 @@ class LossConfig:
     """|logp − old_logp| is clamped to this before exp (fp32 safety)."""
     routing_replay: str = "off"
     """MoE routing replay: "off", "r2" (π_old pass's experts) or "r3" (the rollout engine's experts)."""
+    rollout_correction: str = "off"
+    """Weight each token's policy-gradient loss by π_old against the engine's log-probs μ: "off", "tis"
+    (min(π_old/μ, cap) per token) or "mis" (drop a sequence whose mean |log π_old − log μ| > log cap);
+    docs/async.md."""
+    rollout_correction_cap: float = 2.0
+    """C of the rollout correction (> 1): the TIS truncation, and the MIS bound log C."""
 
     def __post_init__(self) -> None:
         check_choice(self.name, LOSSES, "name")
@@ -146,6 +153,9 @@ class LossConfig:
         check_choice(self.routing_replay, REPLAY_MODES, "routing_replay")
         check_min(self, "mini_batches", "micro_batch_tokens")
         check(self.log_ratio_clamp > 0, "log_ratio_clamp", f"must be > 0, got {self.log_ratio_clamp}")
+        check_choice(self.rollout_correction, ROLLOUT_CORRECTIONS, "rollout_correction")
+        cap = self.rollout_correction_cap
+        check(cap > 1 and math.isfinite(cap), "rollout_correction_cap", f"must be finite and > 1, got {cap}")
         accepted = loss_parameters(self.name)
         unknown = sorted(set(self.params) - set(accepted))
         takes = f"(loss {self.name!r} takes {', '.join(accepted) or 'none'})"
@@ -539,6 +549,11 @@ class PolicyEngine:
     ) -> tuple[float, dict[str, float], float]:
         """Forward/backward one mini-batch and step; returns (loss, token-weighted stat sums, grad norm)."""
         cfg = self.loss_config
+        if cfg.rollout_correction != "off" and any(s.engine_logprobs is None for s in samples):
+            raise ValueError(
+                f"loss.rollout_correction={cfg.rollout_correction!r} needs every sample's engine log-probs "
+                "(Sample.engine_logprobs); some have none"
+            )
         dp_group = parallel_state.get_data_parallel_group()
         dp_size = parallel_state.get_data_parallel_world_size()
         local = sum(count_for_normalizer(s.response_mask()[None], cfg.aggregation) for s in samples)
@@ -558,6 +573,9 @@ class PolicyEngine:
                 aggregation=cfg.aggregation,
                 normalizer=normalizer,
                 log_ratio_clamp=cfg.log_ratio_clamp,
+                rollout_correction=cfg.rollout_correction,
+                rollout_correction_cap=cfg.rollout_correction_cap,
+                engine_logp=batch.engine_logprobs,
                 **cfg.params,
             )
             # Undo the schedule's 1/num_microbatches and DDP's 1/DP (see the module docstring).

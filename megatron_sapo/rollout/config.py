@@ -59,10 +59,15 @@ class RolloutConfig:
     """Drop prompt groups whose rewards are all equal (zero advantage) and sample more prompts."""
     max_refill_rounds: int = 3
     """With `dynamic_sampling`, extra generation rounds per step before training on what there is."""
+    max_staleness: int = 0
+    """Asynchronous rollouts: while step t trains, the engines already generate steps t+1..t+k with the
+    weights they hold (k = this); a sample of weight version v trains at step t only if t − v ≤ k (else
+    dropped, counted in rollout/dropped_stale). 0 = synchronous (each step generates after the last sync).
+    docs/async.md."""
 
     def __post_init__(self) -> None:
         check_min(self, "prompts_per_step", "samples_per_prompt", "num_engines", "guard_every")
-        check_min(self, "guard_prompts", "max_refill_rounds", minimum=0)
+        check_min(self, "guard_prompts", "max_refill_rounds", "max_staleness", minimum=0)
         check(self.guard_threshold > 0, "guard_threshold", f"must be > 0, got {self.guard_threshold}")
         check_choice(self.server.device, DEVICES, "server.device")
         for i, url in enumerate(self.urls):

@@ -522,7 +522,7 @@ class WeightSync:
         chunks = self.model if isinstance(self.model, list) else [self.model]
         return (p for c in chunks for p in c.parameters())
 
-    def resync_on_restart(self) -> None:
+    def resync_on_restart(self, *, retry: bool = True) -> None:
         """Rank 0: make sure a restarted server never serves stale weights.
 
         Single process: a restart hook pushes the last synced weights before the interrupted request is
@@ -530,17 +530,19 @@ class WeightSync:
         the engine raises `EngineRestarted` instead of retrying, and the caller runs `sync` on every rank
         and redoes the interrupted work (trainer `_with_resync`). Either way every sender makes a fresh
         update group at the next sync (the restarted server left the old ones).
+        `retry=False` raises `EngineRestarted` in a single process too: with asynchronous rollouts the hook
+        would run on the rollout thread while the trainer changes the weights it exports.
         """
         if not self.is_driver or not hasattr(self.engine, "on_restart"):
             return
 
         def hook(endpoint: Any) -> None:
             self._epoch += 1
-            if not self.multi and not self._syncing and self.version is not None:
+            if retry and not self.multi and not self._syncing and self.version is not None:
                 self.sync(self.version)
 
         self.engine.on_restart.append(hook)
-        if self.multi:
+        if self.multi or not retry:
             self.engine.retry_after_restart = False
 
 

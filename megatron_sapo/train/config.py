@@ -230,6 +230,19 @@ class TrainJobConfig:
                 "'tensor' needs engines on the trainer's node; cluster.placement 'disaggregated' needs "
                 "'distributed' or 'disk'",
             )
+        lends = (  # the condition of train/engines.py `lends_memory`
+            self.rollout.engine == "sglang"
+            and self.cluster.placement == "colocated"
+            and self.rollout.server.device == "cuda"
+            and not self.rollout.urls
+        )
+        check(
+            not (lends and self.rollout.max_staleness),
+            "rollout.max_staleness",
+            "asynchronous rollouts need engines that keep their GPUs while the trainers train: not with "
+            "the job's own colocated CUDA servers (they release their memory for each update); use "
+            "cluster.placement 'disaggregated' or rollout.urls",
+        )
         if self.model.path is None and self.model.tiny.architecture in ("qwen3", "qwen3_vl"):
             check(
                 self.parallel.ep == 1,

@@ -70,7 +70,8 @@ def weight_sync_config(cfg: TrainJobConfig, launch: Launch) -> WeightSyncConfig:
 
 def lends_memory(cfg: TrainJobConfig) -> bool:
     """The job's own SGLang servers share the train nodes' GPUs with the trainers: rank 0 has them
-    release their memory for each update and resume it for the weight sync."""
+    release their memory for each update and resume it for the weight sync (the same condition makes
+    TrainJobConfig refuse rollout.max_staleness > 0)."""
     return (
         cfg.rollout.engine == "sglang"
         and cfg.cluster.placement == "colocated"

@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -59,6 +59,7 @@ from megatron_sapo.train import engines, outputs, run_lock, setup
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData, load_data
 from megatron_sapo.train.guard import WeightSyncMismatch, check_rollout, check_weight_sync
+from megatron_sapo.train.pipeline import RolloutPipeline
 
 log = logging.getLogger(__name__)
 
@@ -116,25 +117,38 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
     writer = outputs.MetricsWriter(out, cfg, resume_step=start) if driver else None
     engine = engines.build_engine(cfg, hf_dir, out, launch) if driver else None
     rewards = engines.build_reward_runner(cfg) if driver else None
+    pipeline: RolloutPipeline | None = None
     try:
         sync = WeightSync(engine, policy.model, hf_config, engines.weight_sync_config(cfg, launch))
         if start == 0 and cfg.sft.steps:
             _cold_start(cfg, policy, data, writer)
         sync.sync(version=str(start))
+        asynchronous = cfg.rollout.max_staleness > 0
         if driver:
-            sync.resync_on_restart()
+            sync.resync_on_restart(retry=not asynchronous)
         evaluate = partial(engines.evaluate, cfg, engine, data, rewards)
         if start == 0:
             acc, _ = _with_resync(partial(_from_driver, evaluate), sync, str(start), "eval")
             if writer:
                 writer.write({"step": 0, **acc})
+        if driver and asynchronous and start < cfg.run.steps:
+            pipeline = RolloutPipeline(
+                lambda s: _rollout(cfg, s, engine, rewards, data),
+                first_step=start,
+                last_step=cfg.run.steps,
+                max_staleness=cfg.rollout.max_staleness,
+            )
+        access = pipeline.engine_access if pipeline is not None else nullcontext
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             with _stop_if_diverged(step + 1):  # before this step's row and checkpoint are written
-                row = _rl_step(cfg, step, policy, engine, rewards, data, sync)
+                row = _rl_step(cfg, step, policy, engine, rewards, data, sync, pipeline)
                 if _evaluates(cfg, step):
                     t = time.perf_counter()
-                    acc, restarts = _with_resync(partial(_from_driver, evaluate), sync, str(step + 1), "eval")
+                    locked = partial(_holding, access, evaluate)
+                    acc, restarts = _with_resync(
+                        partial(_from_driver, locked), sync, str(step + 1), "eval", access
+                    )
                     row.update(acc)
                     row["rollout/restarts"] += restarts
                     row["time/eval_s"] = time.perf_counter() - t
@@ -158,6 +172,8 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
             writer.finish()
             writer.summary()
     finally:
+        if pipeline is not None:
+            pipeline.close()
         if rewards is not None:
             rewards.close()
         if engine is not None:
@@ -171,7 +187,8 @@ def _cold_start(
     """Supervised cold start: a policy-gradient step with advantage 1 at ratio 1 is exactly the gradient of
     the mean token log-likelihood of the demonstrations (one on-policy mini-batch per step)."""
     loss_config, temperature, routing = policy.loss_config, policy.temperature, policy.routing
-    policy.loss_config = replace(loss_config, mini_batches=1)
+    # demonstrations have no engine log-probs: nothing to correct
+    policy.loss_config = replace(loss_config, mini_batches=1, rollout_correction="off")
     # temperature 1: the likelihood of the model itself, not of the rollouts' tempered distribution
     policy.temperature = 1.0
     # No routing replay: on-policy it replays the experts the router picks anyway, and its rounding-level
@@ -211,8 +228,10 @@ def _cold_start(
 
 
 PHASES = (
-    "time/generate_s",  # the engine's generate calls (rank 0)
-    "time/reward_s",  # scoring (rank 0)
+    "time/generate_s",  # the engine's generate calls (rank 0; asynchronous: rollout/generate_s, beside)
+    "time/reward_s",  # scoring (rank 0; asynchronous: rollout/reward_s, beside the trainer)
+    "time/rollout_wait_s",  # asynchronous rollouts: waiting for the step's batch from the pipeline
+    "time/sync_wait_s",  # asynchronous rollouts: waiting for the generation in flight before the sync
     "time/logprobs_s",  # pi_old: scatter, forward, gather, the finite and rollout checks
     "time/train_s",  # the mini-batch updates
     "time/export_s",  # the bridge's export inside the sync (rank 0's stage)
@@ -252,20 +271,29 @@ def _rl_step(
     rewards: RewardRunner | None,
     data: RunData,
     sync: WeightSync,
+    pipeline: RolloutPipeline | None = None,
 ) -> dict[str, float]:
+    """One RL step; `pipeline` (rank 0, rollout.max_staleness > 0) hands over the rollout it generated
+    beside the previous steps, and holds the engines while this step syncs and probes."""
     t0 = time.perf_counter()
     driver = dist.get_rank() == 0
     lend = driver and engines.lends_memory(cfg)
-    rollout = partial(_rollout, cfg, step, engine, rewards, data)
+    access = pipeline.engine_access if pipeline is not None else nullcontext
+    if pipeline is not None:
+        rollout = partial(pipeline.take, step)
+    else:
+        rollout = partial(_rollout, cfg, step, engine, rewards, data)
     # The rollout stays on rank 0: the other ranks get only their share of it, from policy.scatter.
     result, restarts = _with_resync(
-        partial(_from_driver, rollout, driver_only=True), sync, str(step), "rollout"
+        partial(_from_driver, rollout, driver_only=True), sync, str(step), "rollout", access
     )
     rows, stats = result if driver else ([], {})
     if lend:  # colocated GPUs: the engines' weights and KV cache make room for training
         engine.release_memory()
     t_rollout = time.perf_counter() - t0
-    samples = [_sample(t, r, a, key) for t, r, a, _, _, key in rows]
+    # mu for the rollout correction (loss.rollout_correction); scattered with the samples only when used
+    corrected = cfg.loss.rollout_correction != "off"
+    samples = [_sample(t, r, a, key, e if corrected else None) for t, r, a, e, _, key in rows]
     guarded = bool(cfg.rollout.guard_prompts)  # 0: the metrics, never a verdict
     check = partial(
         check_rollout,
@@ -273,6 +301,7 @@ def _rl_step(
         versions=[v for _, _, _, _, v, _ in rows],
         version=str(step) if guarded else None,
         threshold=cfg.rollout.guard_threshold if guarded else math.inf,
+        asynchronous=cfg.rollout.max_staleness > 0,
     )
     _, metrics = _update_policy(policy, samples if driver else None, check, data.attach_images)
     if not math.isfinite(metrics["loss"]):
@@ -283,7 +312,9 @@ def _rl_step(
     t2 = time.perf_counter()
     if lend:
         engine.resume_memory()  # the sync below refills the weights
-    metrics.update(sync.sync(version=str(step + 1)))
+    with access():  # asynchronous rollouts: waits for the generation in flight (one version per batch)
+        t_wait = time.perf_counter() - t2
+        metrics.update(sync.sync(version=str(step + 1)))
     t3 = time.perf_counter()
     probed = _probes(cfg, step)
     if probed:
@@ -299,7 +330,9 @@ def _rl_step(
             seed=cfg.run.seed + step,
             stop_token_ids=data.stop_token_ids,
         )
-        checked, guard_restarts = _with_resync(guard, sync, str(step + 1), "weight-sync check")
+        checked, guard_restarts = _with_resync(
+            partial(_holding, access, guard), sync, str(step + 1), "weight-sync check", access
+        )
         metrics.update(checked)
         restarts += guard_restarts
     t4 = time.perf_counter()
@@ -310,9 +343,10 @@ def _rl_step(
         **metrics,
         "rollout/restarts": float(restarts),
         "time/rollout_s": t_rollout,
-        "time/sync_s": t3 - t2,
+        "time/sync_s": t3 - t2 - t_wait,
+        "time/sync_wait_s": t_wait,
         "time/export_s": export,
-        "time/load_s": t3 - t2 - export,
+        "time/load_s": t3 - t2 - t_wait - export,
         "time/guard_s": t4 - t3 if probed else 0.0,
     }
 
@@ -403,13 +437,25 @@ def _check_finite(logprobs: list[torch.Tensor]) -> None:
         )
 
 
-def _with_resync(call: Callable[[], Any], sync: WeightSync, version: str, what: str) -> tuple[Any, int]:
+def _holding(access: Callable[[], AbstractContextManager], fn: Callable[[], Any]) -> Any:
+    with access():
+        return fn()
+
+
+def _with_resync(
+    call: Callable[[], Any],
+    sync: WeightSync,
+    version: str,
+    what: str,
+    access: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[Any, int]:
     """(`call()`, server restarts survived), `call` run on every rank; it raises `EngineRestarted` on every
     rank when a server had to be restarted (with several trainer ranks, see `WeightSync.resync_on_restart`).
 
     The restarted server holds the initial weights and only a collective export can push the current
     ones: every rank syncs `version` again, then `call` starts over (what it generated so far is dropped,
-    so every sample comes from the synced weights).
+    so every sample comes from the synced weights). `access`: holds the engines for the re-sync (the
+    rollout pipeline's, asynchronous rollouts).
     """
     for restarts in range(MAX_ENGINE_RESTARTS + 1):
         try:
@@ -423,7 +469,8 @@ def _with_resync(call: Callable[[], Any], sync: WeightSync, version: str, what: 
             log.warning(
                 "%s interrupted by a server restart (%s): re-syncing v%s, redoing it", what, exc, version
             )
-            sync.sync(version=version)
+            with access():
+                sync.sync(version=version)
     raise AssertionError("unreachable")
 
 
@@ -499,11 +546,24 @@ def _rollout(
     }
 
 
-def _sample(tokens: list[int], response_start: int, advantage: float, key: int | None) -> Sample:
+def _sample(
+    tokens: list[int],
+    response_start: int,
+    advantage: float,
+    key: int | None,
+    engine_logprobs: list[float] | None = None,
+) -> Sample:
     """A training sample; `key`: its train record when the prompt has images, which each rank renders for
-    its own share after the scatter (`RunData.attach_images`: the pixels the engine saw)."""
+    its own share after the scatter (`RunData.attach_images`: the pixels the engine saw);
+    `engine_logprobs`: the engine's log-probs of the response tokens, for the rollout correction."""
     return Sample(
-        tokens=torch.tensor(tokens), response_start=response_start, advantage=advantage, prompt_key=key
+        tokens=torch.tensor(tokens),
+        response_start=response_start,
+        advantage=advantage,
+        prompt_key=key,
+        engine_logprobs=None
+        if engine_logprobs is None
+        else torch.tensor(engine_logprobs, dtype=torch.float32),
     )
 
 

@@ -1,7 +1,7 @@
 """`megatron-sapo train` end to end, through the real console script (tiny sizes, a few steps each).
 
 - every loss name finishes 3 steps and writes the documented files; the final hf/ loads in transformers
-  and equals the trained policy's export;
+  and equals the trained policy's export; GSPO runs with TIS and GRPO with MIS rollout correction;
 - the real SGLang engine (the default) runs 2 steps at sampling temperature 0.7 (trainer log-probs at T),
   with nothing on stderr that looks like a failure (third-party warnings, tracebacks, errors);
 - SIGKILL after a step past the last checkpoint, rerun the same command: the resumed steps reproduce the
@@ -81,11 +81,31 @@ def tb_scalars(out: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events}
 
 
+CORRECTION = {"gspo": "tis", "grpo": "mis"}
+"""Two of the runs below also weight their loss by the rollout correction (tests/unit/test_rollout_correction.py
+checks the math): the engine's log-probs must reach the loss through the scatter and the micro-batches."""
+
+
 @pytest.mark.parametrize("loss", ["sapo", "gspo", "gspo_token", "grpo"])
 def test_three_steps_each_loss_writes_outputs(loss, tmp_path) -> None:
     out = tmp_path / loss
-    train(out, f"loss.name={loss}", "rollout.engine=transformers", "run.steps=3")
+    correction = CORRECTION.get(loss, "off")
+    train(
+        out,
+        f"loss.name={loss}",
+        f"loss.rollout_correction={correction}",
+        "rollout.engine=transformers",
+        "run.steps=3",
+    )
     r = rows(out)
+    for x in r[1:]:
+        # the in-process engine is the trainer's policy: mu = pi_old up to rounding, every weight ~1
+        assert ("rollout_correction/weight_mean" in x) == (correction != "off"), x
+        if correction != "off":
+            assert x["rollout_correction/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+            assert 0 < x["rollout_correction/abs_log_ratio_mean"] < 1e-4  # mu really arrived (not pi_old)
+            fraction = "truncated_fraction" if correction == "tis" else "masked_fraction"
+            assert x[f"rollout_correction/{fraction}"] == 0.0
     assert [x["step"] for x in r] == [0, 1, 2, 3]
     assert "eval/accuracy" in r[0] and "eval/accuracy" in r[2] and "eval/accuracy" in r[3]
     for x in r[1:]:
