@@ -16,14 +16,9 @@ Run: `python -m pytest tests/e2e/test_async.py -q` (~1 min on 2 cores).
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-
 import pytest
 
-from tests.e2e.test_trainer import CLI, ROOT, TINY, _logged, rows, train
+from tests.e2e.test_trainer import kill_after_step, rows, train
 
 ARGS = [
     "rollout.engine=transformers",
@@ -37,20 +32,8 @@ ARGS = [
 
 def test_staleness_one_runs_ahead_and_resumes_after_sigkill(tmp_path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*CLI, f"run.output_dir={out}", *TINY, *ARGS],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600
     # past the step-2 checkpoint, with the next batch already being generated: the rerun redoes step 3
-    while not _logged(out, step=3):
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its step 3"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_step(out, 3, *ARGS)
     train(out, *ARGS)
 
     r = rows(out)

@@ -167,25 +167,28 @@ def test_sglang_engine_two_steps_at_temperature(tmp_path) -> None:
     assert list((tmp_path / "logs").glob("sglang-*.log"))
 
 
+def kill_after_step(out: Path, step: int, *overrides: str) -> None:
+    """Start the CLI run into `out` and SIGKILL its whole process group once `step` is in metrics.jsonl."""
+    proc = subprocess.Popen(
+        [*CLI, f"run.output_dir={out}", *TINY, *overrides],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not _logged(out, step=step):
+        assert proc.poll() is None and time.monotonic() < deadline, f"run ended before its step {step}"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def test_resume_after_sigkill_reproduces_the_run(tmp_path) -> None:
     args = ["rollout.engine=transformers", "run.steps=4", "run.save_every=2", "run.eval_every=0"]
     train(tmp_path / "full", *args)
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [*CLI, f"run.output_dir={out}", *TINY, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 600
-    # killed after step 3 was logged, past the step-2 checkpoint: the rerun redoes step 3
-    while not _logged(out, step=3):
-        assert proc.poll() is None and time.monotonic() < deadline, "run ended before its step 3"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_step(out, 3, *args)  # past the step-2 checkpoint: the rerun redoes step 3
     train(out, *args)
     full, resumed = rows(tmp_path / "full"), rows(out)
     assert [x["step"] for x in resumed] == [0, 1, 2, 3, 4]
