@@ -185,6 +185,18 @@ class TrainJobConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """Placement of trainers and engines on the nodes of a multi-node job."""
 
+    @property
+    def lends_engine_memory(self) -> bool:
+        """The job's own SGLang servers share the train nodes' GPUs with the trainers: rank 0 has them
+        release their memory for each update and resume it for the weight sync (so no asynchronous
+        rollouts: `rollout.max_staleness` must be 0)."""
+        return (
+            self.rollout.engine == "sglang"
+            and self.cluster.placement == "colocated"
+            and self.rollout.server.device == "cuda"
+            and not self.rollout.urls  # the job's own servers, launched here or on every train node
+        )
+
     def __post_init__(self) -> None:
         batch = self.rollout.prompts_per_step * self.rollout.samples_per_prompt
         check(
@@ -230,14 +242,8 @@ class TrainJobConfig:
                 "'tensor' needs engines on the trainer's node; cluster.placement 'disaggregated' needs "
                 "'distributed' or 'disk'",
             )
-        lends = (  # the condition of train/engines.py `lends_memory`
-            self.rollout.engine == "sglang"
-            and self.cluster.placement == "colocated"
-            and self.rollout.server.device == "cuda"
-            and not self.rollout.urls
-        )
         check(
-            not (lends and self.rollout.max_staleness),
+            not (self.lends_engine_memory and self.rollout.max_staleness),
             "rollout.max_staleness",
             "asynchronous rollouts need engines that keep their GPUs while the trainers train: not with "
             "the job's own colocated CUDA servers (they release their memory for each update); use "

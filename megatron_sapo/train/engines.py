@@ -68,18 +68,6 @@ def weight_sync_config(cfg: TrainJobConfig, launch: Launch) -> WeightSyncConfig:
     return ws
 
 
-def lends_memory(cfg: TrainJobConfig) -> bool:
-    """The job's own SGLang servers share the train nodes' GPUs with the trainers: rank 0 has them
-    release their memory for each update and resume it for the weight sync (the same condition makes
-    TrainJobConfig refuse rollout.max_staleness > 0)."""
-    return (
-        cfg.rollout.engine == "sglang"
-        and cfg.cluster.placement == "colocated"
-        and cfg.rollout.server.device == "cuda"
-        and not cfg.rollout.urls  # the job's own servers, launched here or on every train node
-    )
-
-
 def build_reward_runner(cfg: TrainJobConfig) -> RewardRunner:
     return RewardRunner(get_reward(cfg.reward.name), timeout_s=cfg.reward.timeout_s)
 

@@ -277,7 +277,7 @@ def _rl_step(
     beside the previous steps, and holds the engines while this step syncs and probes."""
     t0 = time.perf_counter()
     driver = dist.get_rank() == 0
-    lend = driver and engines.lends_memory(cfg)
+    lend = driver and cfg.lends_engine_memory
     access = pipeline.engine_access if pipeline is not None else nullcontext
     if pipeline is not None:
         rollout = partial(pipeline.take, step)

@@ -90,10 +90,11 @@ class RolloutPipeline:
 
     def take(self, step: int) -> tuple[list, dict]:
         """Step `step`'s rows (stale ones dropped) and stats, with rollout/staleness_*, dropped_stale and
-        time/rollout_wait_s (how long the trainer waited); the batch's time/generate_s and time/reward_s are
-        renamed rollout/generate_s and rollout/reward_s (they ran beside the trainer). Re-raises the worker's error for this batch
-        (e.g. `EngineRestarted`); nothing is generated until the next `take(step)`, which regenerates it
-        (re-sync in between)."""
+        time/rollout_wait_s (how long the trainer waited); the batch's time/generate_s and time/reward_s
+        are renamed rollout/generate_s and rollout/reward_s (they ran beside the trainer).
+
+        Re-raises the worker's error for this batch (e.g. `EngineRestarted`); nothing is generated until
+        the next `take(step)`, which regenerates it (the caller re-syncs in between)."""
         started = time.perf_counter()
         with self._cond:
             if step != self._taken + 1:

@@ -201,6 +201,12 @@ ERRORS = [
     (["data.format=jsonl"], "data.train_path: required for data.format 'jsonl'"),
     (["reward.name=bleu"], "reward.name: 'bleu' is not one of math_verify, exact_match, python:"),
     (["model.tiny.kv_heads=3"], "model.tiny.kv_heads: 3 does not divide heads=4"),
+    (["rollout.max_staleness=-1"], "rollout.max_staleness: must be >= 0, got -1"),
+    (
+        ["rollout.max_staleness=1", "rollout.server.device=cuda"],  # the job's own colocated CUDA servers
+        "rollout.max_staleness: asynchronous rollouts need engines that keep their GPUs",
+    ),
+    (["loss.rollout_correction=is"], "loss.rollout_correction: 'is' is not one of off, tis, mis"),
 ]
 
 
