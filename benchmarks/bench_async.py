@@ -2,6 +2,7 @@
 
     python benchmarks/bench_async.py                      # 150 RL steps per staleness, real SGLang CPU server
     python benchmarks/bench_async.py --steps 40 --staleness 0 1 --json /tmp/async.json
+    python benchmarks/bench_async.py --staleness 0 1 1p     # "1p": staleness 1 with rollout.partial
 
 One start policy (the quickstart's cold start, `run.steps=0`, exported once), then the quickstart RL job
 from it (`model.path=<start>/hf sft.steps=0`, no in-run eval) once per staleness, one run after the other,
@@ -14,7 +15,8 @@ first `--skip`:
   the step's wall time;
 - the engines' idle share: 1 − (their generate + reward seconds) / step seconds. Asynchronous runs report
   those as rollout/generate_s and rollout/reward_s, since they run beside the step.
-- staleness: the mean of rollout/staleness_mean and the max of rollout/staleness_max; samples dropped.
+- staleness: the mean of rollout/staleness_mean and the max of rollout/staleness_max; samples dropped;
+  partial rollouts ("Kp"): the mean token staleness and the share of samples continued across a sync.
 On 2 cores the trainer (1 torch thread) and the SGLang server share the machine, so overlap gains less
 than on GPUs, where the engines and the trainers have devices of their own. Results:
 benchmarks/RESULTS.md ("bench_async").
@@ -82,6 +84,11 @@ def summarise(rows: list[dict], skip: int, wall: float, steps: int) -> dict[str,
         "staleness_max": max(r.get("rollout/staleness_max", 0) for r in timed),
         "dropped": sum(r.get("rollout/dropped_stale", 0) for r in timed),
         "reward_mean": statistics.mean(r["reward/mean"] for r in timed),
+        "token_staleness_mean": statistics.mean(
+            r.get("rollout/token_staleness_mean", r.get("rollout/staleness_mean", 0)) for r in timed
+        ),
+        "partial_share": sum(r.get("rollout/partial_samples", 0) for r in timed)
+        / sum(r["rollout/samples"] for r in timed),
     }
 
 
@@ -89,7 +96,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--skip", type=int, default=5, help="first steps left out of the medians (warm-up)")
-    ap.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument(
+        "--staleness",
+        nargs="+",
+        default=["0", "1", "2"],
+        help="rollout.max_staleness values; a trailing p (1p) also turns rollout.partial on",
+    )
     ap.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench_async")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -102,8 +114,9 @@ def main() -> None:
         f"load before: {os.getloadavg()[0]:.2f} (1 min); {os.cpu_count()} cores; {args.steps} RL steps each"
     )
     results = {}
-    for k in args.staleness:
-        out = work / f"staleness{k}"
+    for spec in args.staleness:
+        k, partial = int(spec.rstrip("p")), spec.endswith("p")
+        out = work / f"staleness{spec}"
         overrides = [
             f"model.path={start / 'hf'}",
             "sft.steps=0",
@@ -111,22 +124,23 @@ def main() -> None:
             "run.eval_every=0",
         ]
         overrides += ["data.synthetic.n_eval=0", f"rollout.max_staleness={k}", f"run.output_dir={out}"]
-        wall = _train(overrides, work / f"staleness{k}.log")
+        overrides += [f"rollout.partial={str(partial).lower()}"]
+        wall = _train(overrides, work / f"staleness{spec}.log")
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        results[k] = summarise(rows, args.skip, wall, args.steps)
-    base = results.get(0)
+        results[spec] = summarise(rows, args.skip, wall, args.steps)
+    base = results.get("0")
     print(
         f"{'staleness':>9} {'median step s':>13} {'steps/s':>8} {'whole':>6} {'gen tok/s':>9} "
-        f"{'trainer idle':>12} {'engine idle':>11} {'stale mean/max':>14} {'dropped':>7} {'reward':>6}"
-        + ("  vs staleness 0" if base else "")
+        f"{'trainer idle':>12} {'engine idle':>11} {'stale mean/max':>14} {'token stale':>11} "
+        f"{'partial':>7} {'dropped':>7} {'reward':>6}" + ("  vs staleness 0" if base else "")
     )
     for k, r in results.items():
         ratio = f"  {r['steps_per_s'] / base['steps_per_s']:.2f}x steps/s" if base else ""
         print(
             f"{k:>9} {r['median_step_s']:>13.3f} {r['steps_per_s']:>8.2f} {r['steps_per_s_whole']:>6.2f} "
             f"{r['gen_tokens_per_s']:>9.0f} {r['trainer_idle']:>12.0%} {r['engine_idle']:>11.0%} "
-            f"{r['staleness_mean']:>9.2f}/{r['staleness_max']:<4.0f} {r['dropped']:>7.0f} {r['reward_mean']:>6.3f}"
-            + ratio
+            f"{r['staleness_mean']:>9.2f}/{r['staleness_max']:<4.0f} {r['token_staleness_mean']:>11.2f} "
+            f"{r['partial_share']:>7.0%} {r['dropped']:>7.0f} {r['reward_mean']:>6.3f}" + ratio
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

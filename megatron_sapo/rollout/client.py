@@ -15,7 +15,8 @@ current weights again, so a restarted server never serves stale weights. With `r
 such a request raises `EngineRestarted` after the restart instead (multi-rank trainers: the weights can only
 be pushed collectively, so the caller re-syncs and redoes the work); `generate` then cancels its pending
 chunks. Token ids are validated against the vocabulary before sending: SGLang's scheduler dies on an
-out-of-range id.
+out-of-range id. `interrupt()` (another thread) aborts every request in flight: each returns its tokens
+and log-probs so far, finish_reason "abort" (partial rollouts, `train/pipeline.py`).
 
 Every request carries its server's key (`engine_key.py`: the api key, or the admin key on weight,
 cache and memory routes): a launched server's own, or the key given with an `Endpoint`'s URL (a plain
@@ -104,6 +105,7 @@ class SGLangEngine:
         self._tokenizer: Any = None
         self._next = 0
         self._next_lock = threading.Lock()
+        self._interrupted = threading.Event()
 
     # ---- plumbing -------------------------------------------------------------------------------
     def _served_model_path(self) -> str:
@@ -125,10 +127,18 @@ class SGLangEngine:
         return self._tokenizer
 
     def request(
-        self, endpoint: Endpoint, method: str, path: str, payload: dict | None = None, *, retry: bool = True
+        self,
+        endpoint: Endpoint,
+        method: str,
+        path: str,
+        payload: dict | None = None,
+        *,
+        retry: bool = True,
+        timeout: float | None = None,
     ) -> Any:
-        """One HTTP call; a dead launched server is restarted (hooks run) and the call retried (or
-        `EngineRestarted` raised, see `retry_after_restart`)."""
+        """One HTTP call (`timeout`: seconds, default `request_timeout`); a dead launched server is
+        restarted (hooks run) and the call retried (or `EngineRestarted` raised, see
+        `retry_after_restart`)."""
         attempts = self.max_retries + 1 if retry else 1
         for attempt in range(attempts):
             restarts = endpoint.server.restarts if endpoint.server is not None else 0
@@ -138,7 +148,7 @@ class SGLangEngine:
                     endpoint.url + path,
                     json=payload,
                     headers=endpoint.key.headers(path),
-                    timeout=self.request_timeout,
+                    timeout=timeout or self.request_timeout,
                 )
             except RESTARTABLE as exc:
                 if attempt + 1 == attempts or not self.recover(endpoint):
@@ -218,9 +228,19 @@ class SGLangEngine:
         *,
         n: int = 1,
         return_routed_experts: bool = False,
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
+        """n samples per prompt, ordered by (prompt_index, sample_index); `max_new_tokens`: one budget per
+        prompt instead of `sampling.max_new_tokens`. `interrupt` (another thread) ends it early."""
+        self._interrupted.clear()
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if max_new_tokens is not None and (
+            len(max_new_tokens) != len(prompts) or min(max_new_tokens, default=1) < 1
+        ):
+            raise RolloutError(
+                f"max_new_tokens needs one budget >= 1 per prompt ({len(prompts)}), got {list(max_new_tokens)}"
+            )
         ids = self.encode(prompts)
         images = _image_payloads(prompts)
         items = [(p, s) for p in range(len(ids)) for s in range(n)]
@@ -229,7 +249,9 @@ class SGLangEngine:
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
 
         def run(chunk: list[tuple[int, int]]) -> list[Generation]:
-            return self._generate_chunk(chunk, ids, sampling, return_routed_experts, images)
+            if self._interrupted.is_set():  # interrupted before it was sent: nothing generated
+                return [Generation(p, s, ids[p], [], [], "abort", "") for p, s in chunk]
+            return self._generate_chunk(chunk, ids, sampling, return_routed_experts, images, max_new_tokens)
 
         workers = min(max(self.max_concurrency, len(self.endpoints)), len(chunks))
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -249,6 +271,7 @@ class SGLangEngine:
         sampling: SamplingParams,
         return_routed_experts: bool,
         images: list[tuple[str, list[str]]] | None = None,
+        budgets: Sequence[int] | None = None,
     ) -> list[Generation]:
         """One /generate request for `chunk` ((prompt, sample) pairs). Image prompts (`images`: each
         prompt's chat-template text and data URIs) go as text + image_data, SGLang expanding the vision
@@ -259,6 +282,8 @@ class SGLangEngine:
             sp = sampling.to_sglang()
             if sampling.seed is not None:  # distinct samples of one prompt need distinct seeds
                 sp["sampling_seed"] = sampling.seed + p * 1_000_003 + s
+            if budgets is not None:
+                sp["max_new_tokens"] = budgets[p]
             params.append(sp)
         payload: dict[str, Any] = {
             "sampling_params": params,
@@ -286,6 +311,20 @@ class SGLangEngine:
             _generation(out, p, s, ids[p], return_routed_experts, self.top_k)
             for (p, s), out in zip(chunk, outputs, strict=True)
         ]
+
+    def interrupt(self) -> None:
+        """End the generations in flight on every server now (SGLang's /abort_request for all requests:
+        each returns its tokens and log-probs so far, finish_reason "abort"); chunks of the current
+        `generate` call not sent yet are not sent. SGLang's own /pause_generation (mode "abort") does the
+        same but polls in 1 s sleeps until the requests are gone, longer than a CPU step."""
+        self._interrupted.set()
+        for endpoint in self.endpoints:
+            try:
+                self.request(
+                    endpoint, "POST", "/abort_request", {"abort_all": True}, retry=False, timeout=10.0
+                )
+            except RolloutError as exc:  # a dead server fails its generate, which handles the restart
+                log.debug("interrupt: %s", exc)
 
     def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
         """Free the servers' GPU memory (colocated runs, before training); GPU servers only.

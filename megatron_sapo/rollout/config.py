@@ -64,6 +64,12 @@ class RolloutConfig:
     weights they hold (k = this); a sample of weight version v trains at step t only if t − v ≤ k (else
     dropped, counted in rollout/dropped_stale). 0 = synchronous (each step generates after the last sync).
     docs/async.md."""
+    partial: bool = False
+    """Partial rollouts (needs max_staleness >= 1): a sync interrupts the generation in flight instead of
+    waiting for it; each unfinished sample keeps its tokens and continues under the new weights, every
+    token recording the version that generated it (rollout/partial_samples, rollout/token_staleness_mean;
+    the rollout correction weighs each token by its own version's log-prob). Token-id prompts only (not
+    image prompts). docs/async.md."""
 
     def __post_init__(self) -> None:
         check_min(self, "prompts_per_step", "samples_per_prompt", "num_engines", "guard_every")
@@ -75,6 +81,11 @@ class RolloutConfig:
                 re.match(r"https?://[^/\s]+", url) is not None, f"urls[{i}]", f"not an http(s) URL: {url!r}"
             )
         check(not self.urls or self.engine == "sglang", "urls", "only for rollout.engine 'sglang'")
+        check(
+            not self.partial or self.max_staleness >= 1,
+            "partial",
+            "interrupts generations that run beside training: needs max_staleness >= 1",
+        )
 
     def server_config(self, model_path: str) -> ServerConfig:
         """The `ServerConfig` of one launched server that loads `model_path`."""

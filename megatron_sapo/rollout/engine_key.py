@@ -40,11 +40,14 @@ ADMIN_KEY_ENV = "MEGATRON_SAPO_ENGINE_ADMIN_KEY"
 
 ADMIN_ROUTES = frozenset(
     {
+        "/abort_request",
         "/begin_weight_update",
         "/destroy_weights_update_group",
         "/end_weight_update",
         "/flush_cache",
+        "/continue_generation",
         "/init_weights_update_group",
+        "/pause_generation",
         "/release_memory_occupation",
         "/resume_memory_occupation",
         "/update_weight_version",

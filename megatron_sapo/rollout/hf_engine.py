@@ -15,6 +15,9 @@ padding, a KV cache, fp32 log-probs. What it reports follows SGLang 0.5.23 so th
 - A text prompt is encoded with the tokenizer's defaults (no chat template), as SGLang does.
 - Each sample draws from its own generator, seeded from (request seed or one drawn from the engine seed,
   prompt index, sample index): samples do not depend on batching, and the n samples of a prompt differ.
+- `interrupt()` (from another thread) ends the `generate` call in flight before its next decoding step:
+  unfinished samples return what they have, finish_reason "abort" (partial rollouts, `train/pipeline.py`);
+  `max_new_tokens=[...]` gives each prompt its own budget.
 - Next-token log-probs with a NaN (NaN / +inf logits: a diverged policy) raise `PolicyDiverged` naming
   the prompt, sample and token, instead of whatever torch.multinomial would make of them.
 
@@ -33,6 +36,7 @@ import bisect
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +80,7 @@ class _Sample:
     generator: torch.Generator
     token_ids: list[int]
     logprobs: list[float]
+    max_new_tokens: int
     finish_reason: str | None = None
     matched: str | int | None = None
     image: ImagePrompt | None = None
@@ -115,6 +120,7 @@ class TransformersEngine:
         self._slots: dict[str, _Slot] | None = None
         self._aliases: dict[str, str] = {}
         self._expert_parts: dict[str, list[str]] = {}
+        self._interrupted = threading.Event()
 
     @property
     def weight_version(self) -> str:
@@ -129,6 +135,11 @@ class TransformersEngine:
     def resume_memory(self) -> None:
         """Nothing was lent (see `release_memory`)."""
 
+    def interrupt(self) -> None:
+        """The `generate` call in flight (another thread's) stops before its next decoding step; its
+        unfinished samples return what they have, finish_reason "abort"."""
+        self._interrupted.set()
+
     # ---------------------------------------------------------------- generation
 
     @torch.no_grad()
@@ -139,10 +150,19 @@ class TransformersEngine:
         *,
         n: int = 1,
         return_routed_experts: bool = False,
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """n samples per prompt, ordered by (prompt_index, sample_index); see the module docstring."""
+        """n samples per prompt, ordered by (prompt_index, sample_index); see the module docstring.
+        `max_new_tokens`: one budget per prompt instead of `sampling.max_new_tokens`."""
+        self._interrupted.clear()
         if n < 1:
             raise RolloutError(f"TransformersEngine: n must be >= 1, got {n}")
+        budgets = [sampling.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
+        if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
+            raise RolloutError(
+                f"TransformersEngine: max_new_tokens needs one budget >= 1 per prompt ({len(prompts)}), "
+                f"got {budgets}"
+            )
         if sampling.stop and self.tokenizer is None:
             raise RolloutError("TransformersEngine: stop strings need a tokenizer")
         prompt_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]
@@ -158,7 +178,16 @@ class TransformersEngine:
                 f"TransformersEngine: image prompts for {type(self.model).__name__}, a text model"
             )
         samples = [
-            _Sample(i, j, ids, torch.Generator().manual_seed(_mix(base, i, j)), [], [], image=images[i])
+            _Sample(
+                i,
+                j,
+                ids,
+                torch.Generator().manual_seed(_mix(base, i, j)),
+                [],
+                [],
+                budgets[i],
+                image=images[i],
+            )
             for i, ids in enumerate(prompt_ids)
             for j in range(n)
         ]
@@ -216,7 +245,11 @@ class TransformersEngine:
         routing: list[list[np.ndarray]] = [[] for _ in chunk]
         try:
             cache = DynamicCache(config=self.model.config)
-            for step in range(sampling.max_new_tokens):
+            for step in range(max(s.max_new_tokens for s in chunk)):
+                if self._interrupted.is_set():
+                    for s in chunk:
+                        s.finish_reason = s.finish_reason or "abort"
+                    break
                 if deltas is not None:  # M-RoPE: [text positions; t, h, w] as transformers' generate
                     rope = vision.pop("position_ids", None)
                     rope = rope if rope is not None else (positions + deltas)[None].expand(3, -1, -1)
@@ -321,7 +354,7 @@ class TransformersEngine:
                 return
         if s.token_ids[-1] in stop_ids:
             s.finish_reason, s.matched = "stop", s.token_ids[-1]
-        elif len(s.token_ids) >= sampling.max_new_tokens:
+        elif len(s.token_ids) >= s.max_new_tokens:
             s.finish_reason = "length"
 
     def _finish(self, s: _Sample, sampling: SamplingParams, routing: list[np.ndarray] | None) -> Generation:

@@ -97,9 +97,13 @@ class Generation:
     logprobs: list[float]
     """Engine log-prob of each response token, log_softmax(logits / temperature), [R]."""
     finish_reason: str
-    """"stop" (EOS / stop string / stop token), "length" (max_new_tokens) or "abort"."""
+    """"stop" (EOS / stop string / stop token), "length" (max_new_tokens) or "abort" (interrupted, see
+    `RolloutEngine.interrupt`, or refused by the engine)."""
     weight_version: str
     """The engine's weight version when the sample finished (see weight sync)."""
+    token_versions: list[str] | None = None
+    """The weight version that generated each response token, [R], when they differ (a partial rollout
+    continued under newer weights, `train/pipeline.py`); None: every token is `weight_version`'s."""
     text: str | None = None
     """Detokenized response, when the engine provides it."""
     routed_experts: np.ndarray | None = None
@@ -119,8 +123,16 @@ class RolloutEngine(Protocol):
         *,
         n: int = 1,
         return_routed_experts: bool = False,
+        max_new_tokens: Sequence[int] | None = None,
     ) -> list[Generation]:
-        """n samples per prompt, ordered by (prompt_index, sample_index)."""
+        """n samples per prompt, ordered by (prompt_index, sample_index); `max_new_tokens`: a budget per
+        prompt instead of `sampling.max_new_tokens` (a partial rollout's continuations)."""
+        ...
+
+    def interrupt(self) -> None:
+        """Make the generations in flight return now with what they have (finish_reason "abort", the
+        tokens and log-probs so far); called from another thread. A `generate` call that starts after it
+        runs normally: the caller repeats `interrupt` until the call it meant has returned."""
         ...
 
     def update_weights_from_tensors(

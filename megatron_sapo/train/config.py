@@ -262,3 +262,10 @@ class TrainJobConfig:
                 "model.tiny.architecture",
                 "data.synthetic.task 'visual' needs a vision-language policy: qwen3_vl_moe or qwen3_vl",
             )
+        check(
+            not (
+                self.rollout.partial and self.data.synthetic.task == "visual" and self.data.train_path is None
+            ),
+            "rollout.partial",
+            "continues samples from token ids: not with image prompts (data.synthetic.task 'visual')",
+        )

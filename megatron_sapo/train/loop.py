@@ -59,7 +59,7 @@ from megatron_sapo.train import engines, outputs, run_lock, setup
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData, load_data
 from megatron_sapo.train.guard import WeightSyncMismatch, check_rollout, check_weight_sync
-from megatron_sapo.train.pipeline import RolloutPipeline
+from megatron_sapo.train.pipeline import RolloutPipeline, generate_partial
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,19 @@ def _train_with(cfg: TrainJobConfig, out: Path, hf_dir: Path, launch: Launch, no
             if writer:
                 writer.write({"step": 0, **acc})
         if driver and asynchronous and start < cfg.run.steps:
+
+            def produce(s: int, hold: Callable[[], AbstractContextManager] | None = None) -> tuple:
+                generate = engine.generate if hold is None else partial(generate_partial, engine, hold=hold)
+                return _rollout(cfg, s, engine, rewards, data, generate)
+
             pipeline = RolloutPipeline(
-                lambda s: _rollout(cfg, s, engine, rewards, data),
+                produce,
                 first_step=start,
                 last_step=cfg.run.steps,
                 max_staleness=cfg.rollout.max_staleness,
+                interrupt=engine.interrupt if cfg.rollout.partial else None,
             )
-        access = pipeline.engine_access if pipeline is not None else nullcontext
+        access = _engine_access(pipeline)
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
             with _stop_if_diverged(step + 1):  # before this step's row and checkpoint are written
@@ -278,7 +284,7 @@ def _rl_step(
     t0 = time.perf_counter()
     driver = dist.get_rank() == 0
     lend = driver and cfg.lends_engine_memory
-    access = pipeline.engine_access if pipeline is not None else nullcontext
+    access = _engine_access(pipeline)
     if pipeline is not None:
         rollout = partial(pipeline.take, step)
     else:
@@ -293,12 +299,12 @@ def _rl_step(
     t_rollout = time.perf_counter() - t0
     # mu for the rollout correction (loss.rollout_correction); scattered with the samples only when used
     corrected = cfg.loss.rollout_correction != "off"
-    samples = [_sample(t, r, a, key, e if corrected else None) for t, r, a, e, _, key in rows]
+    samples = [_sample(t, r, a, key, e if corrected else None) for t, r, a, e, _, key, _ in rows]
     guarded = bool(cfg.rollout.guard_prompts)  # 0: the metrics, never a verdict
     check = partial(
         check_rollout,
-        engine=[e for _, _, _, e, _, _ in rows],
-        versions=[v for _, _, _, _, v, _ in rows],
+        engine=[row[3] for row in rows],
+        versions=[row[4] for row in rows],
         version=str(step) if guarded else None,
         threshold=cfg.rollout.guard_threshold if guarded else math.inf,
         asynchronous=cfg.rollout.max_staleness > 0,
@@ -312,7 +318,9 @@ def _rl_step(
     t2 = time.perf_counter()
     if lend:
         engine.resume_memory()  # the sync below refills the weights
-    with access():  # asynchronous rollouts: waits for the generation in flight (one version per batch)
+    # asynchronous rollouts: waits for the generation in flight (one version per batch), or interrupts it
+    # (partial rollouts: its samples continue under the new weights)
+    with access():
         t_wait = time.perf_counter() - t2
         metrics.update(sync.sync(version=str(step + 1)))
     t3 = time.perf_counter()
@@ -437,6 +445,12 @@ def _check_finite(logprobs: list[torch.Tensor]) -> None:
         )
 
 
+def _engine_access(pipeline: RolloutPipeline | None) -> Callable[[], AbstractContextManager]:
+    """What holds the engines for a trainer-side call: the pipeline's access (asynchronous rollouts), else
+    nothing (nobody else uses them)."""
+    return pipeline.engine_access if pipeline is not None else nullcontext
+
+
 def _holding(access: Callable[[], AbstractContextManager], fn: Callable[[], Any]) -> Any:
     with access():
         return fn()
@@ -475,15 +489,25 @@ def _with_resync(
 
 
 def _rollout(
-    cfg: TrainJobConfig, step: int, engine: RolloutEngine, rewards: RewardRunner, data: RunData
+    cfg: TrainJobConfig,
+    step: int,
+    engine: RolloutEngine,
+    rewards: RewardRunner,
+    data: RunData,
+    generate: Callable[..., list] | None = None,
 ) -> tuple[list, dict]:
-    """Rank 0: samples + rewards + advantages for one step (dynamic sampling refills zero-signal groups)."""
+    """Rank 0: samples + rewards + advantages for one step (dynamic sampling refills zero-signal groups).
+
+    `generate`: `engine.generate` or a partial rollout's (`pipeline.generate_partial`). Each row: (prompt +
+    response ids, response start, advantage, engine log-probs, the weight version of its oldest token,
+    the train record key of an image prompt or None, each token's version or None)."""
+    generate = generate or engine.generate
     r = cfg.rollout
     # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)
     base = r.sampling.seed if r.sampling.seed is not None else cfg.run.seed * 1_000_003
     stops = r.sampling.stop_token_ids + [t for t in data.stop_token_ids if t not in r.sampling.stop_token_ids]
     sampling = replace(r.sampling, seed=base + step, stop_token_ids=stops)
-    kept: list[tuple[list[int], int, float, list[float], str | None, int | None]] = []
+    kept: list[tuple[list[int], int, float, list[float], str | None, int | None, list[str] | None]] = []
     t_generate = t_reward = 0.0
     all_rewards: list[float] = []
     reward_stats: dict[str, float] = {}
@@ -498,7 +522,7 @@ def _rollout(
         keys = data.train_keys(offset, need) if data.has_images else [None] * need
         offset += need
         t = time.perf_counter()
-        gens = engine.generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
+        gens = generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
         t_generate += time.perf_counter() - t
         t = time.perf_counter()
         texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
@@ -523,8 +547,9 @@ def _rollout(
                         len(g.prompt_ids),
                         adv[i],
                         g.logprobs,
-                        g.weight_version,
+                        g.token_versions[0] if g.token_versions else g.weight_version,
                         keys[g.prompt_index],
+                        g.token_versions,
                     )
                 )
                 lengths.append(len(g.token_ids))

@@ -233,11 +233,12 @@ def test_server_killed_mid_rollout_two_ranks_resync_and_redo(tmp_path: Path, sta
     """SIGKILL the SGLang server while step 2's rollout is in flight (2 trainer ranks): rank 0 restarts it
     (initial weights), every rank re-syncs, the rollout is redone, so every sample is from the trained
     weights (a stale sample would differ from the trainer's log-probs by ~0.1-1 nat per token).
-    Asynchronous (staleness 1): the kill lands in the batch rank 0's pipeline generates ahead; the
-    pipeline hands the restart to the loop, which re-syncs and has the batch generated again."""
+    Asynchronous (staleness 1, with partial rollouts): the kill lands in the batch rank 0's pipeline
+    generates ahead, which the trainer's sync tries to interrupt meanwhile; the pipeline hands the
+    restart to the loop, which re-syncs and has the batch generated again."""
     port = free_port()
     args = [f"run.output_dir={tmp_path}", *TINY, "parallel.ep=2", "rollout.engine=sglang"]
-    args += [f"rollout.max_staleness={staleness}"]
+    args += [f"rollout.max_staleness={staleness}", f"rollout.partial={str(staleness > 0).lower()}"]
     # a long rollout (64 samples x 64 tokens of a barely trained model: seconds) for the kill to land in
     args += ["run.steps=4", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=16"]
     args += ["rollout.sampling.max_new_tokens=64", "run.eval_every=0", f"rollout.server.port={port}"]

@@ -221,7 +221,9 @@ def test_two_servers_behind_one_client(sglang_servers, reset_weights, tiny_model
     assert min(served) >= 2, served  # round-robin: each server answered probes of both checks
 
 
-def _server_dies_mid_sync(rank, world, model_dir, log_dir, disk_dir, transport):
+def _server_dies_mid_sync(rank, world, model_dir, log_dir, disk_dir):
+    """Every transport in turn, on one launched server (each kill restarts it: one server start per
+    transport instead of two)."""
     import megatron_sapo.rollout.weight_sync as weight_sync
     from megatron_sapo.rollout.client import SGLangEngine
     from megatron_sapo.rollout.weight_sync import WeightSync, WeightSyncConfig
@@ -233,46 +235,53 @@ def _server_dies_mid_sync(rank, world, model_dir, log_dir, disk_dir, transport):
         server = SGLangServer(ServerConfig(model_path=model_dir, log_dir=log_dir))
         server.start()
         engine = SGLangEngine([server])
+    export, out = weight_sync.export_hf_weights, {}
     try:
-        cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=16 << 10)
-        sync = WeightSync(engine, policy.model, config, cfg)
-        sync.resync_on_restart()
-        _perturb(policy, seed=7)
-        if rank == 0:  # kill the server once stage 0's first bucket is out (stage 1 sends at the same time)
-            export, killed = weight_sync.export_hf_weights, []
+        for i, transport in enumerate(TRANSPORTS):
+            if engine is not None:
+                engine.on_restart.clear()  # the previous transport's hook
+            cfg = WeightSyncConfig(transport=transport, disk_dir=disk_dir, bucket_bytes=16 << 10)
+            sync = WeightSync(engine, policy.model, config, cfg)
+            sync.resync_on_restart()
+            _perturb(policy, seed=7 + i)
+            restarts = server.restarts if server else 0
+            if rank == 0:  # kill the server once stage 0's first bucket is out (stage 1 sends at once)
+                killed = []
 
-            def killing_export(*args, **kwargs):
-                for i, bucket in enumerate(export(*args, **kwargs)):
-                    yield bucket
-                    if i == 0 and not killed:
-                        killed.append(server.kill())
+                def killing_export(*args, killed=killed, **kwargs):
+                    for j, bucket in enumerate(export(*args, **kwargs)):
+                        yield bucket
+                        if j == 0 and not killed:
+                            killed.append(server.kill())
 
-            weight_sync.export_hf_weights = killing_export
-        metrics = sync.sync(version="1")
-        after = check_weight_sync(engine, policy, PROBES, version="1", threshold=1e-4)
-        return {
-            "attempts": sync.attempts,
-            "restarts": server.restarts if server else None,
-            **metrics,
-            **after,
-        }
+                weight_sync.export_hf_weights = killing_export
+            metrics = sync.sync(version=str(i + 1))
+            weight_sync.export_hf_weights = export
+            after = check_weight_sync(engine, policy, PROBES, version=str(i + 1), threshold=1e-4)
+            out[transport] = {
+                "attempts": sync.attempts,
+                "restarts": server.restarts - restarts if server else None,
+                **metrics,
+                **after,
+            }
+        return out
     finally:
+        weight_sync.export_hf_weights = export
         if server is not None:
             server.stop()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_server_killed_during_sync_is_restarted_and_sync_redone_on_every_rank(
-    transport, tiny_models, tmp_path
-) -> None:
-    """PP2: both stages send at once; the server dies after stage 0's first bucket. Every rank sees the
-    failure, rank 0 restarts the server, both stages send again (fresh groups), and the served weights
-    are the trainer's."""
-    r = run_on_ranks(
+def test_server_killed_during_sync_is_restarted_and_sync_redone_on_every_rank(tiny_models, tmp_path) -> None:
+    """PP2, for each transport: both stages send at once; the server dies after stage 0's first bucket.
+    Every rank sees the failure, rank 0 restarts the server, both stages send again (fresh groups), and
+    the served weights are the trainer's (each transport's policy is perturbed anew)."""
+    results = run_on_ranks(
         _server_dies_mid_sync,
         world_size=2,
-        args=(str(tiny_models["dense"]), str(tmp_path), str(tmp_path / "disk"), transport),
+        args=(str(tiny_models["dense"]), str(tmp_path), str(tmp_path / "disk")),
         timeout=900,
     )[0]
-    assert r["restarts"] == 1 and r["attempts"] == 2, r
-    assert r["sync/logprob_diff_max"] < 1e-4, r
+    assert list(results) == list(TRANSPORTS)
+    for transport, r in results.items():
+        assert r["restarts"] == 1 and r["attempts"] == 2, (transport, r)
+        assert r["sync/logprob_diff_max"] < 1e-4, (transport, r)

@@ -207,6 +207,17 @@ ERRORS = [
         "rollout.max_staleness: asynchronous rollouts need engines that keep their GPUs",
     ),
     (["loss.rollout_correction=is"], "loss.rollout_correction: 'is' is not one of off, tis, mis"),
+    (["rollout.partial=true"], "rollout.partial: interrupts generations that run beside training: needs"),
+    (
+        [
+            "rollout.partial=true",
+            "rollout.max_staleness=1",
+            "data.synthetic.task=visual",
+            "model.tiny.architecture=qwen3_vl",
+            "model.tiny.layers=3",
+        ],
+        "rollout.partial: continues samples from token ids: not with image prompts",
+    ),
 ]
 
 

@@ -26,7 +26,7 @@ from megatron_sapo.train.pipeline import RolloutPipeline, drop_stale
 
 
 def _row(version: str | None) -> tuple:
-    return ([1, 2, 3], 1, 0.5, [-0.1, -0.2], version, None)
+    return ([1, 2, 3], 1, 0.5, [-0.1, -0.2], version, None, None)
 
 
 def test_drop_stale_keeps_rows_within_the_bound() -> None:
