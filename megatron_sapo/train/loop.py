@@ -525,7 +525,7 @@ def _rollout(
         gens = generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
         t_generate += time.perf_counter() - t
         t = time.perf_counter()
-        texts = [g.text if g.text is not None else data.decode(g.token_ids) for g in gens]
+        texts = [g.text if g.text is not None else _decode(data.decode, g.token_ids, sampling.stop) for g in gens]
         scores, stats = rewards.score(texts, [records[g.prompt_index] for g in gens])
         t_reward += time.perf_counter() - t
         for key, value in stats.items():
@@ -569,6 +569,14 @@ def _rollout(
         "time/generate_s": t_generate,
         "time/reward_s": t_reward,
     }
+
+
+def _decode(decode: Callable[[list[int]], str], token_ids: list[int], stop: list[str]) -> str:
+    """A response's text when the engine sent none (a partial rollout's continued sample): its tokens
+    decoded (`RunData.decode`) and, like SGLang's text, cut before the first stop string."""
+    text = decode(token_ids)
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
 
 
 def _sample(

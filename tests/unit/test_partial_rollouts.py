@@ -11,7 +11,8 @@ sync does, and takes the batch. Against independent references:
   from A there by far more than the tolerance);
 - the batch's stats: partial_samples and token_staleness_mean from the versions (closed form);
 - an abort nobody asked for is an error, not an endless continuation;
-- per-prompt budgets (`max_new_tokens=[...]`) bound each sample.
+- per-prompt budgets (`max_new_tokens=[...]`) bound each sample;
+- a continued sample's text (the loop decodes it) is cut before the first stop string, as the engine's.
 SGLang's side (its abort returns the partial tokens and log-probs): tests/e2e/test_async.py.
 Run: `python -m pytest tests/unit/test_partial_rollouts.py -q` (seconds).
 """
@@ -21,14 +22,17 @@ from __future__ import annotations
 import copy
 import threading
 from contextlib import contextmanager
+from functools import partial
 
 import pytest
 import torch
 
 from megatron_sapo.rollout.hf_engine import TransformersEngine
 from megatron_sapo.rollout.types import RolloutError, SamplingParams
+from megatron_sapo.train.loop import _decode
 from megatron_sapo.train.pipeline import RolloutPipeline, Segment, drop_stale, generate_partial
 from tests.hf_reference import checkpoint_state_dict, qwen3_config, tiny_hf_model
+from tests.unit.test_hf_engine import tokenizer
 
 PROMPTS = [[5, 9, 17], [40, 41, 42, 43, 44], [7, 7, 60, 61]]
 SAMPLING = SamplingParams(max_new_tokens=24, temperature=1.0, seed=11)
@@ -153,3 +157,19 @@ def test_per_prompt_budgets_bound_each_sample() -> None:
     assert {g.finish_reason for g in gens} == {"length"}
     with pytest.raises(RolloutError, match="one budget >= 1 per prompt"):
         engine.generate(PROMPTS, SAMPLING, max_new_tokens=[3, 0, 1])
+
+
+def test_a_continued_sample_is_decoded_and_cut_at_its_stop_string() -> None:
+    tok = tokenizer()
+    ids = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+    decode = partial(tok.decode, skip_special_tokens=True)
+    assert _decode(decode, ids, []) == decode(ids)
+    # the engine's text for the same stops (the in-process engine cuts like SGLang)
+    engine = TransformersEngine(tiny_hf_model(qwen3_config(eos_token_id=None), seed=0), tokenizer=tok)
+    (g,) = engine.generate([ids[:2]], SamplingParams(max_new_tokens=12, temperature=0.0))
+    text = decode(g.token_ids)
+    stop = text[len(text) // 2 :][:3]  # a piece of what greedy decoding writes ("laz")
+    (cut,) = engine.generate([ids[:2]], SamplingParams(max_new_tokens=12, temperature=0.0, stop=[stop]))
+    assert stop.strip() and cut.text != decode(cut.token_ids)  # the engine did cut something
+    assert _decode(decode, cut.token_ids, [stop]) == cut.text
+    assert _decode(decode, ids, ["fox", "quick"]) == decode(ids)[: decode(ids).index("quick")]
