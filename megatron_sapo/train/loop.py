@@ -59,7 +59,7 @@ from megatron_sapo.train import engines, outputs, run_lock, setup
 from megatron_sapo.train.config import TrainJobConfig
 from megatron_sapo.train.data import RunData, load_data
 from megatron_sapo.train.guard import WeightSyncMismatch, check_rollout, check_weight_sync
-from megatron_sapo.train.pipeline import RolloutPipeline, generate_partial
+from megatron_sapo.train.pipeline import RolloutPipeline, generate_partial, sample_row
 
 log = logging.getLogger(__name__)
 
@@ -498,9 +498,8 @@ def _rollout(
 ) -> tuple[list, dict]:
     """Rank 0: samples + rewards + advantages for one step (dynamic sampling refills zero-signal groups).
 
-    `generate`: `engine.generate` or a partial rollout's (`pipeline.generate_partial`). Each row: (prompt +
-    response ids, response start, advantage, engine log-probs, the weight version of its oldest token,
-    the train record key of an image prompt or None, each token's version or None)."""
+    `generate`: `engine.generate` or a partial rollout's (`pipeline.generate_partial`); one
+    `pipeline.sample_row` per kept sample."""
     generate = generate or engine.generate
     r = cfg.rollout
     # a per-step seed: a resumed run draws the same samples (where the engine honours seeds)
@@ -525,7 +524,9 @@ def _rollout(
         gens = generate(prompt_ids, _sampling(sampling, round_), n=r.samples_per_prompt)
         t_generate += time.perf_counter() - t
         t = time.perf_counter()
-        texts = [g.text if g.text is not None else _decode(data.decode, g.token_ids, sampling.stop) for g in gens]
+        texts = [
+            g.text if g.text is not None else _decode(data.decode, g.token_ids, sampling.stop) for g in gens
+        ]
         scores, stats = rewards.score(texts, [records[g.prompt_index] for g in gens])
         t_reward += time.perf_counter() - t
         for key, value in stats.items():
@@ -541,17 +542,7 @@ def _rollout(
                 g = gens[i]
                 if not g.token_ids:
                     continue
-                kept.append(
-                    (
-                        g.prompt_ids + g.token_ids,
-                        len(g.prompt_ids),
-                        adv[i],
-                        g.logprobs,
-                        g.token_versions[0] if g.token_versions else g.weight_version,
-                        keys[g.prompt_index],
-                        g.token_versions,
-                    )
-                )
+                kept.append(sample_row(g, adv[i], keys[g.prompt_index]))
                 lengths.append(len(g.token_ids))
                 stops.append(g.finish_reason == "stop")
     if not kept:  # every group had equal rewards: train on nothing would stall; keep the last round

@@ -70,6 +70,22 @@ class Segment:
     interrupted: bool = False
 
 
+def sample_row(g: Generation, advantage: float, key: int | None = None) -> tuple:
+    """The rollout row of one sample (`loop._rollout`; `drop_stale` reads it): (prompt + response ids,
+    response start, advantage, engine log-probs, the version of its oldest token, the train record key
+    of an image prompt or None, each token's version or None)."""
+    oldest = g.token_versions[0] if g.token_versions else g.weight_version
+    return (
+        g.prompt_ids + g.token_ids,
+        len(g.prompt_ids),
+        advantage,
+        g.logprobs,
+        oldest,
+        key,
+        g.token_versions,
+    )
+
+
 def drop_stale(
     rows: list, step: int, max_staleness: int, *, partial: bool = False
 ) -> tuple[list, dict[str, float]]:

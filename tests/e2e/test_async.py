@@ -30,7 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_sapo.rollout.types import SamplingParams
-from megatron_sapo.train.pipeline import RolloutPipeline, generate_partial
+from megatron_sapo.train.pipeline import RolloutPipeline, generate_partial, sample_row
 from megatron_sapo.utils.tiny import save_tiny_model, train_tokenizer
 from tests.e2e.conftest import tiny_configs
 from tests.e2e.test_trainer import kill_after_step, rows, train
@@ -108,18 +108,7 @@ def test_sglang_partial_rollout_continues_under_the_new_weights(
 
     def produce(step: int, hold) -> tuple[list, dict]:
         out["gens"] = generate_partial(engine, [[5, 6, 7], [40, 41, 42, 43]], sampling, n=6, hold=hold)
-        return [
-            (
-                g.prompt_ids + g.token_ids,
-                len(g.prompt_ids),
-                0.0,
-                g.logprobs,
-                g.token_versions[0],
-                None,
-                g.token_versions,
-            )
-            for g in out["gens"]
-        ], {}
+        return [sample_row(g, 0.0) for g in out["gens"]], {}
 
     pipeline = RolloutPipeline(
         produce, first_step=1, last_step=2, max_staleness=1, interrupt=engine.interrupt

@@ -30,7 +30,7 @@ import torch
 from megatron_sapo.rollout.hf_engine import TransformersEngine
 from megatron_sapo.rollout.types import RolloutError, SamplingParams
 from megatron_sapo.train.loop import _decode
-from megatron_sapo.train.pipeline import RolloutPipeline, Segment, drop_stale, generate_partial
+from megatron_sapo.train.pipeline import RolloutPipeline, Segment, drop_stale, generate_partial, sample_row
 from tests.hf_reference import checkpoint_state_dict, qwen3_config, tiny_hf_model
 from tests.unit.test_hf_engine import tokenizer
 
@@ -44,22 +44,6 @@ def teacher_forced(model, prompt_ids, token_ids) -> torch.Tensor:
     ids = torch.tensor([list(prompt_ids) + list(token_ids)])
     logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
-
-
-def _rows(gens) -> list:
-    """Rows shaped like the loop's (`loop._rollout`)."""
-    return [
-        (
-            g.prompt_ids + g.token_ids,
-            len(g.prompt_ids),
-            0.0,
-            g.logprobs,
-            g.token_versions[0],
-            None,
-            g.token_versions,
-        )
-        for g in gens
-    ]
 
 
 def test_interrupted_samples_continue_under_the_new_weights_with_per_token_versions() -> None:
@@ -84,7 +68,7 @@ def test_interrupted_samples_continue_under_the_new_weights_with_per_token_versi
 
     def produce(step: int, hold) -> tuple[list, dict]:
         out["gens"] = generate_partial(engine, PROMPTS, SAMPLING, n=2, hold=hold)
-        return _rows(out["gens"]), {}
+        return [sample_row(g, 0.0) for g in out["gens"]], {}
 
     pipeline = RolloutPipeline(produce, first_step=1, last_step=2, max_staleness=1, interrupt=interrupt)
     try:
