@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import socket
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,28 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive TCP ports, all free a moment ago on every address, below the
+    kernel's ephemeral range: fixed ports (`cluster.engine_port` + node index) that another process's
+    bind(0), such as an SGLang server's internal sockets, cannot take meanwhile. `free_port`'s port is
+    in that range, so the ports after it can be."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(10000, low - count)
+        try:
+            for port in range(start, start + count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return start
+    raise RuntimeError(f"no {count} consecutive free ports in [10000, {low})")
 
 
 def _worker(

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_sapo.utils.spawn import free_port
+from megatron_sapo.utils.spawn import free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["-m", "megatron_sapo.cli", "train", str(ROOT / "configs/quickstart.yaml")]
@@ -131,7 +131,7 @@ def test_srun_two_nodes_with_colocated_engines_on_every_node(tmp_path: Path) -> 
     serving its own real SGLang server (cluster.colocated_engines=every_node): rank 0 spreads the
     rollouts over both and the "distributed" sync reaches both."""
     nodes = ["localhost", "127.0.0.1"]
-    engine_port = free_port()
+    engine_port = free_ports(2)  # node i's server on engine_port + i, out of the bind(0) range
     cmd = [sys.executable, *TRAIN, f"run.output_dir={tmp_path}", *TINY, "parallel.ep=2"]
     # 4 prompts x 8 samples = 32 samples = 2 request chunks of 16 a step: one to each server
     cmd += [

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from megatron_sapo.utils.spawn import free_port
+from megatron_sapo.utils.spawn import free_ports
 from tests.slurm.cluster import LocalSlurm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,7 @@ def test_tiny_cpu_sbatch_disaggregated(slurm_cluster: LocalSlurm, tmp_path: Path
 
 def test_tiny_cpu_sbatch_engines_on_every_node(slurm_cluster: LocalSlurm, tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "job.out"
-    port = free_port()
+    port = free_ports(2)  # node i's server on port + i: out of the range bind(0) draws from
     placement = [
         "cluster.colocated_engines=every_node",
         f"cluster.engine_port={port}",

@@ -34,3 +34,21 @@ def test_nccl_needs_one_gpu_per_rank() -> None:
 
 def test_gloo_is_the_default_backend() -> None:
     assert run_on_ranks(_rank_and_backend, world_size=1) == [(0, 1, "gloo")]
+
+
+def test_free_ports_are_consecutive_bindable_and_below_the_ephemeral_range() -> None:
+    import socket
+    from pathlib import Path
+
+    from megatron_sapo.utils.spawn import free_ports
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    start = free_ports(3)
+    assert start >= 10000 and start + 3 <= low
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for i, s in enumerate(sockets):
+            s.bind(("0.0.0.0", start + i))  # each still free: binds
+    finally:
+        for s in sockets:
+            s.close()
