@@ -45,7 +45,7 @@ from megatron_sapo.data.images import to_data_uri
 from megatron_sapo.data.vision import ImagePrompt
 from megatron_sapo.rollout.engine_key import ADMIN_KEY_ENV, API_KEY_ENV, EngineKey
 from megatron_sapo.rollout.server import SGLangServer
-from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams
+from megatron_sapo.rollout.types import Generation, Prompt, RolloutError, SamplingParams, prompt_budgets
 
 log = logging.getLogger(__name__)
 
@@ -235,12 +235,7 @@ class SGLangEngine:
         self._interrupted.clear()
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if max_new_tokens is not None and (
-            len(max_new_tokens) != len(prompts) or min(max_new_tokens, default=1) < 1
-        ):
-            raise RolloutError(
-                f"max_new_tokens needs one budget >= 1 per prompt ({len(prompts)}), got {list(max_new_tokens)}"
-            )
+        prompt_budgets(len(prompts), sampling, max_new_tokens)  # validated before anything is sent
         ids = self.encode(prompts)
         images = _image_payloads(prompts)
         items = [(p, s) for p in range(len(ids)) for s in range(n)]

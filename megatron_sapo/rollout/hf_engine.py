@@ -55,7 +55,14 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
 from megatron_sapo.bridge.safetensors_io import SafetensorsReader
 from megatron_sapo.data.vision import ImagePrompt
-from megatron_sapo.rollout.types import Generation, PolicyDiverged, Prompt, RolloutError, SamplingParams
+from megatron_sapo.rollout.types import (
+    Generation,
+    PolicyDiverged,
+    Prompt,
+    RolloutError,
+    SamplingParams,
+    prompt_budgets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,12 +164,7 @@ class TransformersEngine:
         self._interrupted.clear()
         if n < 1:
             raise RolloutError(f"TransformersEngine: n must be >= 1, got {n}")
-        budgets = [sampling.max_new_tokens] * len(prompts) if max_new_tokens is None else list(max_new_tokens)
-        if len(budgets) != len(prompts) or min(budgets, default=1) < 1:
-            raise RolloutError(
-                f"TransformersEngine: max_new_tokens needs one budget >= 1 per prompt ({len(prompts)}), "
-                f"got {budgets}"
-            )
+        budgets = prompt_budgets(len(prompts), sampling, max_new_tokens)
         if sampling.stop and self.tokenizer is None:
             raise RolloutError("TransformersEngine: stop strings need a tokenizer")
         prompt_ids = [self._tokenize(p, i) for i, p in enumerate(prompts)]

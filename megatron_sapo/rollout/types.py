@@ -82,6 +82,15 @@ class SamplingParams:
         return out
 
 
+def prompt_budgets(count: int, sampling: SamplingParams, max_new_tokens: Sequence[int] | None) -> list[int]:
+    """Each of `count` prompts' token budget: `max_new_tokens` (one per prompt, each >= 1) when given, else
+    `sampling.max_new_tokens` for all (`RolloutEngine.generate`)."""
+    budgets = [sampling.max_new_tokens] * count if max_new_tokens is None else list(max_new_tokens)
+    if len(budgets) != count or min(budgets, default=1) < 1:
+        raise RolloutError(f"max_new_tokens needs one budget >= 1 per prompt ({count}), got {budgets}")
+    return budgets
+
+
 @dataclass
 class Generation:
     """One sampled response. Lists are per generated token, in order."""
