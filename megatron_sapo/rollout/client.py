@@ -313,13 +313,9 @@ class SGLangEngine:
         `generate` call not sent yet are not sent. SGLang's own /pause_generation (mode "abort") does the
         same but polls in 1 s sleeps until the requests are gone, longer than a CPU step."""
         self._interrupted.set()
-        for endpoint in self.endpoints:
-            try:
-                self.request(
-                    endpoint, "POST", "/abort_request", {"abort_all": True}, retry=False, timeout=10.0
-                )
-            except RolloutError as exc:  # a dead server fails its generate, which handles the restart
-                log.debug("interrupt: %s", exc)
+        # a dead server fails its generate, which handles the restart: its error is only logged here
+        for exc in self.on_every_server("/abort_request", {"abort_all": True}, retry=False, timeout=10.0):
+            log.debug("interrupt: %s", exc)
 
     def release_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
         """Free the servers' GPU memory (colocated runs, before training); GPU servers only.
@@ -327,14 +323,16 @@ class SGLangEngine:
         SGLang 0.5.23 crashes a CPU server on this call (it synchronizes CUDA), so it is refused here.
         """
         self._require_gpu("release_memory")
-        for endpoint in self.endpoints:
-            self.request(endpoint, "POST", "/release_memory_occupation", {"tags": list(tags)}, retry=False)
+        self._raise_first(
+            self.on_every_server("/release_memory_occupation", {"tags": list(tags)}, retry=False)
+        )
 
     def resume_memory(self, tags: Sequence[str] = ("weights", "kv_cache")) -> None:
         """Re-allocate what `release_memory` freed (weights must be synced again afterwards)."""
         self._require_gpu("resume_memory")
-        for endpoint in self.endpoints:
-            self.request(endpoint, "POST", "/resume_memory_occupation", {"tags": list(tags)}, retry=False)
+        self._raise_first(
+            self.on_every_server("/resume_memory_occupation", {"tags": list(tags)}, retry=False)
+        )
 
     def _require_gpu(self, what: str) -> None:
         cpu = [e.url for e in self.endpoints if e.server is not None and e.server.config.device == "cpu"]
@@ -342,8 +340,32 @@ class SGLangEngine:
             raise RolloutError(f"{what} is GPU-only (SGLang calls CUDA for it); CPU servers: {cpu}")
 
     def flush_cache(self) -> None:
-        for endpoint in self.endpoints:
-            self.request(endpoint, "POST", "/flush_cache")
+        self._raise_first(self.on_every_server("/flush_cache"))
+
+    def on_every_server(
+        self, path: str, payload: dict | None = None, *, retry: bool = True, timeout: float | None = None
+    ) -> list[RolloutError]:
+        """POST `path` to every server at once (one thread each: at 64 servers a slow or dead one must
+        not hold back the others by its timeout); the servers' errors, in endpoint order."""
+
+        def post(endpoint: Endpoint) -> RolloutError | None:
+            try:
+                self.request(endpoint, "POST", path, payload, retry=retry, timeout=timeout)
+            except RolloutError as exc:
+                return exc
+            return None
+
+        if len(self.endpoints) == 1:
+            errors = [post(self.endpoints[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(self.endpoints), 64)) as pool:
+                errors = list(pool.map(post, self.endpoints))
+        return [e for e in errors if e is not None]
+
+    @staticmethod
+    def _raise_first(errors: list[RolloutError]) -> None:
+        if errors:
+            raise errors[0]
 
     def shutdown(self) -> None:
         for endpoint in self.endpoints:

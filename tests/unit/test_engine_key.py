@@ -1,6 +1,7 @@
 """Key plumbing without an SGLang server: which key each route gets (checked against SGLang's own route
 table, read from its source), the key file, the client's headers as a plain HTTP server sees them, the
-engine-node key file the trainer reads, and the guard masking keys in a command's output.
+engine-node key file the trainer reads, the guard masking keys in a command's output, and admin calls
+(interrupt, flush_cache) reaching every server at once.
 The real server's answers are tests/e2e/test_engine_key.py.
 """
 
@@ -258,3 +259,55 @@ def test_rollout_urls_send_the_key_from_the_environment(
     with caplog.at_level("WARNING"):
         build_engine(cfg, tmp_path, tmp_path, launch).flush_cache()
     assert seen[-1] == ("/flush_cache", None) and "MEGATRON_SAPO_ENGINE_API_KEY is not set" in caplog.text
+
+
+class _Held(BaseHTTPRequestHandler):
+    """Answers an admin POST only once the other server has been reached (or 10 s have passed)."""
+
+    other_reached: ClassVar[threading.Event] = threading.Event()
+    saw_other: ClassVar[list[bool]] = []
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.saw_other.append(self.other_reached.wait(10))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_admin_calls_reach_every_server_at_once(recorder, tmp_path: Path) -> None:
+    """interrupt / flush_cache go to all servers concurrently: a server that holds its answer (the first
+    one here) does not keep the next from being reached; a dead one is logged by interrupt (its generate
+    handles it) and raised, naming its URL, by flush_cache, after the others were reached."""
+    httpd, seen = recorder
+    held = ThreadingHTTPServer(("127.0.0.1", 0), _Held)
+    threading.Thread(target=held.serve_forever, daemon=True).start()
+    dead = ThreadingHTTPServer(("127.0.0.1", 0), _Held)
+    dead_url = f"http://127.0.0.1:{dead.server_address[1]}"
+    dead.server_close()  # nothing listens there any more
+    urls = [f"http://127.0.0.1:{a.server_address[1]}" for a in (held, httpd)] + [dead_url]
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8}))
+    engine = SGLangEngine(urls, model_path=str(tmp_path), max_retries=0)
+    _Held.saw_other, _Held.other_reached = [], threading.Event()
+
+    class Mark(_Recorder):  # the recorder's server sets the event when it is reached
+        def _answer(self) -> None:
+            _Held.other_reached.set()
+            super()._answer()
+
+        do_POST = _answer
+
+    httpd.RequestHandlerClass = Mark
+    try:
+        engine.interrupt()
+        assert _Held.saw_other == [True] and seen == [("/abort_request", None)]
+        _Held.other_reached.clear()
+        with pytest.raises(RolloutError, match=rf"SGLang {dead_url}/flush_cache"):
+            engine.flush_cache()
+        assert _Held.saw_other == [True, True] and seen[-1] == ("/flush_cache", None)
+    finally:
+        held.shutdown()
