@@ -1,8 +1,8 @@
 """The SGLang rollout engine against a real CPU SGLang server: log-probs, sampling, finish, bad input.
 
 References are independent of the engine: transformers' teacher-forced forward of the same checkpoint.
-Run: `python -m pytest tests/e2e/test_sglang_engine.py -q` (starts two tiny servers, and two more for the
-port-race and orphan tests, ~3 min).
+Run: `python -m pytest tests/e2e/test_sglang_engine.py -q` (starts two tiny servers, and one more for the
+port-race and orphan test, ~2.5 min).
 """
 
 from __future__ import annotations
@@ -144,49 +144,42 @@ def test_memory_release_is_refused_on_cpu(reset_weights) -> None:
         engine.resume_memory()
 
 
-def test_a_port_taken_before_binding_relaunches_elsewhere(sglang_servers, tiny_models, tmp_path) -> None:
-    """The free port a server picks can be taken before SGLang binds it (start-up is slow on a busy
-    machine). Here another SGLang server holds it and answers /health: it must not be taken for ours
-    (it serves another model), and ours relaunches on a new port once its bind failed."""
-    from megatron_sapo.rollout.server import ServerConfig, SGLangServer
-
-    taken = sglang_servers["dense"].port
-    server = SGLangServer(ServerConfig(model_path=str(tiny_models["moe"]), log_dir=str(tmp_path)))
-    server.port = taken  # the race, made certain
-    try:
-        server.start()
-        assert server.port != taken
-        info = requests.get(f"{server.url}/model_info", headers=server.key.headers("/model_info"), timeout=5)
-        assert info.json()["model_path"] == str(tiny_models["moe"])
-        assert "address already in use" in server.log_path.read_text()
-    finally:
-        server.stop()
-    assert sglang_servers["dense"].healthy()  # the other server was left alone
-
-
 LAUNCHER = """
 import sys, time
+import requests
 from megatron_sapo.rollout.server import ServerConfig, SGLangServer
 server = SGLangServer(ServerConfig(model_path=sys.argv[1], log_dir=sys.argv[2]))
+server.port = int(sys.argv[3])  # taken by another server: the race, made certain
 server.start()
-print(server.port, server._proc.pid, flush=True)
+info = requests.get(f"{server.url}/model_info", headers=server.key.headers("/model_info"), timeout=5).json()
+print(server.port, server._proc.pid, info["model_path"], flush=True)
 time.sleep(900)
 """
 
 
-def test_a_server_ends_with_the_process_that_launched_it(tiny_models, tmp_path) -> None:
-    """A trainer SIGKILLed (no stop()) must not leave its SGLang server holding the port (and GPU memory):
-    the server's group leader notices its parent is gone and ends the group."""
+def test_a_server_relaunches_off_a_taken_port_and_ends_with_its_launcher(
+    sglang_servers, tiny_models, tmp_path
+) -> None:
+    """One launched server, two lifecycle faults (one start-up instead of two):
+    - the free port a server picks can be taken before SGLang binds it (start-up is slow on a busy
+      machine). Here the port is the dense test server's, which answers /health: it must not be taken for
+      ours (it serves another model), and ours relaunches on a new port once its bind failed;
+    - a trainer SIGKILLed (no stop()) must not leave its SGLang server holding the port (and GPU memory):
+      the server's group leader notices its parent is gone and ends the group."""
+    taken = sglang_servers["dense"].port
     launcher = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(tiny_models["dense"]), str(tmp_path)],
+        [sys.executable, "-c", LAUNCHER, str(tiny_models["moe"]), str(tmp_path), str(taken)],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     group = None
     try:
-        port, group = map(int, launcher.stdout.readline().split())
-        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+        port, group, served = launcher.stdout.readline().split()
+        port, group = int(port), int(group)
+        assert port != taken and served == str(tiny_models["moe"])
+        assert "address already in use" in next(tmp_path.glob("sglang-*.log")).read_text()
+        assert sglang_servers["dense"].healthy()  # the other server was left alone
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait()
         deadline = time.monotonic() + 60
