@@ -355,11 +355,8 @@ class SGLangEngine:
                 return exc
             return None
 
-        if len(self.endpoints) == 1:
-            errors = [post(self.endpoints[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(len(self.endpoints), 64)) as pool:
-                errors = list(pool.map(post, self.endpoints))
+        with ThreadPoolExecutor(max_workers=min(len(self.endpoints), 64)) as pool:
+            errors = list(pool.map(post, self.endpoints))
         return [e for e in errors if e is not None]
 
     @staticmethod

@@ -30,6 +30,7 @@ from megatron_sapo.rollout.client import Endpoint, SGLangEngine
 from megatron_sapo.rollout.engine_key import ADMIN_ROUTES, EngineKey
 from megatron_sapo.rollout.server import ORPHAN_GUARD, ServerConfig, SGLangServer
 from megatron_sapo.rollout.types import RolloutError
+from megatron_sapo.utils.spawn import free_port
 
 
 def _sglang_route_levels() -> dict[str, str]:
@@ -286,9 +287,7 @@ def test_admin_calls_reach_every_server_at_once(recorder, tmp_path: Path) -> Non
     httpd, seen = recorder
     held = ThreadingHTTPServer(("127.0.0.1", 0), _Held)
     threading.Thread(target=held.serve_forever, daemon=True).start()
-    dead = ThreadingHTTPServer(("127.0.0.1", 0), _Held)
-    dead_url = f"http://127.0.0.1:{dead.server_address[1]}"
-    dead.server_close()  # nothing listens there any more
+    dead_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     urls = [f"http://127.0.0.1:{a.server_address[1]}" for a in (held, httpd)] + [dead_url]
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 8}))
     engine = SGLangEngine(urls, model_path=str(tmp_path), max_retries=0)
